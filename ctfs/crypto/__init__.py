@@ -1,0 +1,1 @@
+"""Cryptographic primitives of the CryptoTensors format, thin over `cryptography`."""

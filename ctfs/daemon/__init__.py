@@ -1,0 +1,1 @@
+"""The FUSE daemon: operations, chunk cache, mount lifecycle, service integration."""

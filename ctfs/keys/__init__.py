@@ -1,0 +1,1 @@
+"""Key material: JWK parsing and the providers that find keys by kid."""
