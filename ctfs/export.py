@@ -1,0 +1,60 @@
+"""Decrypt an encrypted file into the plain safetensors file it stands for (`ctfs decrypt`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from ctfs.atomic import atomic_output, write_all
+from ctfs.keys.store import KeySource
+from ctfs.reader import EncryptedFile
+
+# Chunks decrypted together: bounds memory while keeping both cores busy.
+BATCH_BYTES = 32 * 1024 * 1024
+STREAM_BLOCK = 16 * 1024 * 1024
+
+
+def decrypt_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    keys: KeySource,
+    on_bytes: Callable[[int], None] | None = None,
+) -> None:
+    """Write the plain file; plaintext reaches `dst` only if every tag verified (the temp file is
+    removed otherwise), and it is created mode 0600."""
+    with EncryptedFile(src, keys) as ef, atomic_output(dst, 0o600) as out, ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+        write_all(out, ef.view.prefix, 0)
+        base = len(ef.view.prefix)
+        for info in ef.header.by_offset:
+            cipher = ef.crypto.ciphers.get(info.name)
+            if cipher is None:
+                for rel in range(0, info.nbytes, STREAM_BLOCK):
+                    data = ef.read_stored(info.start + rel, min(STREAM_BLOCK, info.nbytes - rel))
+                    write_all(out, data, base + info.start + rel)
+            elif info.nbytes == 0:
+                ef.verify_empty_tensor(info.name)
+            elif cipher.chunk_size is None:
+                _stream_monolithic(ef, info, out, base)
+            else:
+                _decrypt_chunked(ef, info, out, base, pool)
+            if on_bytes:
+                on_bytes(info.nbytes)
+
+
+def _stream_monolithic(ef: EncryptedFile, info, out: int, base: int) -> None:
+    opener = ef.open_tensor_stream(info.name)
+    for rel in range(0, info.nbytes, STREAM_BLOCK):
+        data = ef.read_stored(info.start + rel, min(STREAM_BLOCK, info.nbytes - rel))
+        write_all(out, opener.update(data), base + info.start + rel)
+    opener.finalize()
+
+
+def _decrypt_chunked(ef: EncryptedFile, info, out: int, base: int, pool: ThreadPoolExecutor) -> None:
+    size = ef.crypto.ciphers[info.name].chunk_size
+    count = -(-info.nbytes // size)
+    per_batch = max(1, BATCH_BYTES // size)
+    for first in range(0, count, per_batch):
+        indices = range(first, min(count, first + per_batch))
+        plain = pool.map(lambda i: ef.decrypt_chunk(info.name, i), indices)
+        write_all(out, b"".join(plain), base + info.start + first * size)

@@ -1,0 +1,202 @@
+"""Open a CryptoTensors file: validate its header, verify its signer, and decrypt chunks on demand."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+from ctfs.crypto.aead import AEAD, StreamOpener, new_aead, open_into
+from ctfs.crypto.keywrap import WrappedKey, unwrap_dek
+from ctfs.crypto.nonces import chunk_nonce
+from ctfs.crypto.signing import verifies
+from ctfs.errors import FormatError, IntegrityError, UntrustedSigner
+from ctfs.format.encryption import CryptoHeader, TensorCipher, parse_crypto_header
+from ctfs.format.header import HEADER_PREFIX_SIZE, Header, TensorInfo, parse_header, read_header_size
+from ctfs.format.serialize import signing_bytes
+from ctfs.format.view import ChunkPiece, HeaderPiece, PlainView, StoredPiece, chunk_span, tensor_chunk_count
+from ctfs.keys.jwk import EncryptionKey
+from ctfs.keys.store import KeySource
+
+
+class PlainFileError(FormatError):
+    """The file is plain safetensors, not encrypted: serving it would allow a downgrade."""
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """What makes two opens see the same bytes: a changed source gets a new identity."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def pread_exact(fd: int, length: int, offset: int, source: str) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise FormatError(f"{source}: file shrank while being read")
+    return data
+
+
+def read_header(fd: int, size: int, source: str) -> Header:
+    header_size = read_header_size(os.pread(fd, HEADER_PREFIX_SIZE, 0), source)
+    if HEADER_PREFIX_SIZE + header_size > size:
+        raise FormatError(f"{source}: header of {header_size} bytes runs past the end of the file (truncated)")
+    raw = pread_exact(fd, header_size, HEADER_PREFIX_SIZE, source)
+    return parse_header(raw, file_size=size, source=source)
+
+
+def verify_signature(header: Header, crypto: CryptoHeader, keys: KeySource, source: str) -> None:
+    """The header must be signed by a trusted key; the header's kid only narrows which trusted key."""
+    candidates = keys.trusted_verify_keys(crypto.sign)
+    if not candidates:
+        signer = f"kid {crypto.sign.kid!r}" if crypto.sign.kid else "its signer"
+        raise UntrustedSigner(f"{source}: signed by {signer}, which is not a trusted verify key")
+    message = signing_bytes(header.metadata or {}, header.by_offset)
+    if not any(verifies(public, crypto.signature, message) for public in candidates):
+        raise IntegrityError(f"{source}: header signature verification failed (tampered header or wrong signer)")
+
+
+class EncryptedFile:
+    """A verified encrypted file. Data keys are unwrapped lazily, once each; methods are thread-safe."""
+
+    def __init__(self, path: str | os.PathLike[str], keys: KeySource, *, label: str | None = None):
+        self.path = os.fspath(path)
+        self.label = label or self.path
+        self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(self._fd)
+            self.identity = FileIdentity.of(st)
+            self.header = read_header(self._fd, st.st_size, self.label)
+            crypto = parse_crypto_header(self.header, self.label)
+            if crypto is None:
+                raise PlainFileError(f"{self.label}: plain safetensors file, not encrypted")
+            self.crypto = crypto
+            verify_signature(self.header, crypto, keys, self.label)
+            self.master_key: EncryptionKey = keys.encryption_key(crypto.enc)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.view = PlainView(self.header, crypto)
+        self._deks: dict[str, tuple[bytes, AEAD]] = {}
+        self._lock = threading.Lock()
+
+    # -- keys ------------------------------------------------------------------------------------
+    def _dek(self, name: str) -> tuple[bytes, AEAD]:
+        with self._lock:
+            found = self._deks.get(name)
+        if found is None:
+            cipher = self.crypto.ciphers[name]
+            wrapped = WrappedKey(cipher.wrapped_key, cipher.key_iv, cipher.key_tag)
+            what = f"{self.label}: data key of tensor {name!r}"
+            dek = unwrap_dek(self.crypto.enc.alg, self.master_key.key, wrapped, what)
+            found = (dek, new_aead(self.crypto.enc.alg, dek))
+            with self._lock:
+                self._deks[name] = found
+        return found
+
+    def _aead(self, name: str) -> AEAD:
+        return self._dek(name)[1]
+
+    def unwrap_all(self) -> None:
+        """Unwrap every data key now, so a wrong master key fails here rather than mid-read."""
+        for name in self.crypto.ciphers:
+            self._aead(name)
+
+    def forget_keys(self) -> None:
+        with self._lock:
+            self._deks.clear()
+
+    # -- chunks ----------------------------------------------------------------------------------
+    def tensor(self, name: str) -> tuple[TensorInfo, TensorCipher]:
+        return self.header.tensor(name), self.crypto.ciphers[name]
+
+    def chunk_size(self, name: str, index: int) -> int:
+        info, cipher = self.tensor(name)
+        start, end = chunk_span(cipher, info, index)
+        return end - start
+
+    def decrypt_chunk_into(self, name: str, index: int, out: memoryview) -> None:
+        """Decrypt and authenticate one chunk into `out`, which must be exactly the chunk's size."""
+        info, cipher = self.tensor(name)
+        start, end = chunk_span(cipher, info, index)
+        what = f"{self.label}: tensor {name!r} chunk {index}"
+        ciphertext = pread_exact(self._fd, end - start, self.header.data_start + start, self.label)
+        open_into(self._aead(name), self._nonce(cipher, index), ciphertext, cipher.tags[index], out, what)
+
+    def decrypt_chunk(self, name: str, index: int) -> bytes:
+        out = bytearray(self.chunk_size(name, index))
+        self.decrypt_chunk_into(name, index, memoryview(out))
+        return bytes(out)
+
+    @staticmethod
+    def _nonce(cipher: TensorCipher, index: int) -> bytes:
+        return chunk_nonce(cipher.iv, index) if cipher.chunk_size else cipher.iv
+
+    def read_stored(self, data_offset: int, length: int) -> bytes:
+        return pread_exact(self._fd, length, self.header.data_start + data_offset, self.label)
+
+    def open_tensor_stream(self, name: str) -> StreamOpener:
+        """A streaming decryptor for a monolithic (v1) tensor too large to hold twice in memory."""
+        cipher = self.crypto.ciphers[name]
+        dek = self._dek(name)[0]
+        return StreamOpener(self.crypto.enc.alg, dek, cipher.iv, cipher.tags[0], f"{self.label}: tensor {name!r}")
+
+    # -- whole-file operations -------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes:
+        """Plain-file bytes `[offset, offset+size)`, without caching: each chunk touched is decrypted."""
+        parts = []
+        for piece in self.view.pieces(offset, size):
+            if isinstance(piece, HeaderPiece):
+                parts.append(self.view.prefix[piece.start:piece.start + piece.length])
+            elif isinstance(piece, StoredPiece):
+                parts.append(self.read_stored(piece.data_offset, piece.length))
+            else:
+                assert isinstance(piece, ChunkPiece)
+                chunk = self.decrypt_chunk(piece.tensor, piece.index)
+                parts.append(chunk[piece.skip:piece.skip + piece.length])
+        return b"".join(parts)
+
+    def verify_empty_tensor(self, name: str) -> None:
+        """An empty tensor still carries one tag (unless v1 wrote none): check it."""
+        cipher = self.crypto.ciphers[name]
+        if cipher.tags:
+            open_into(self._aead(name), cipher.iv, b"", cipher.tags[0], memoryview(bytearray()),
+                      f"{self.label}: tensor {name!r}")
+
+    def chunks(self) -> list[tuple[str, int]]:
+        """Every (tensor, chunk index) of the file, in data order."""
+        return [
+            (info.name, index)
+            for info in self.header.by_offset if info.name in self.crypto.ciphers
+            for index in range(tensor_chunk_count(self.crypto.ciphers[info.name], info))
+        ]
+
+    def verify_all(self, on_bytes=None) -> None:
+        """Authenticate every tag of the file; `on_bytes(n)` reports progress."""
+        for info in self.header.by_offset:
+            if info.name in self.crypto.ciphers and info.nbytes == 0:
+                self.verify_empty_tensor(info.name)
+        for name, index in self.chunks():
+            size = self.chunk_size(name, index)
+            self.decrypt_chunk_into(name, index, memoryview(bytearray(size)))
+            if on_bytes:
+                on_bytes(size)
+
+    def close(self) -> None:
+        self.forget_keys()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> EncryptedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
