@@ -1,0 +1,5 @@
+"""`python -m ctfs` runs the ctfs command."""
+
+from ctfs.cli import main
+
+main()

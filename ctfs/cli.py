@@ -1,0 +1,330 @@
+"""The `ctfs` command: thin wrappers that parse options and call the library layers."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from ctfs.atomic import atomic_output, write_all
+from ctfs.errors import CtfsError
+from ctfs.export import decrypt_file
+from ctfs.format.encryption import DEFAULT_CHUNK_SIZE, ENC_KEY_LENGTHS, parse_crypto_header
+from ctfs.format.view import tensor_chunk_count
+from ctfs.keys.files import load_key_paths
+from ctfs.keys.jwk import EncryptionKey, SigningKey, to_reference_jwk
+from ctfs.keys.store import KeyStore
+from ctfs.modeldir import SAFETENSORS_SUFFIX, is_safetensors, safetensors_data_bytes, transform_tree, walk_files
+from ctfs.crypto.signing import public_key_of
+from ctfs.reader import EncryptedFile, read_header, verify_signature
+from ctfs.writer import EncryptOptions, encrypt_file
+
+
+def fail(message: str) -> None:
+    click.echo(f"ctfs: error: {message}", err=True)
+    sys.exit(1)
+
+
+def reports_errors(func):
+    """Turn expected failures into one line on stderr and a non-zero exit, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except CtfsError as exc:
+            fail(str(exc))
+        except OSError as exc:
+            fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
+        except KeyboardInterrupt:
+            fail("interrupted")
+
+    return wrapper
+
+
+def load_keys(paths: tuple[str, ...], insecure_key_perms: bool = False) -> KeyStore:
+    return KeyStore(load_key_paths(paths, check_perms=not insecure_key_perms))
+
+
+def progress(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
+
+
+keys_option = click.option("--keys", "-k", "keys", multiple=True, required=True,
+                           help="JWK / JWK Set file or directory of them (repeatable).")
+insecure_perms_option = click.option("--insecure-key-perms", is_flag=True,
+                                     help="Accept key files readable by group or others.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ctfs")
+def main() -> None:
+    """Serve encrypted CryptoTensors models as plain safetensors, and the tools around them."""
+
+
+@main.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--alg", type=click.Choice(sorted(ENC_KEY_LENGTHS)), default="aes256gcm", show_default=True)
+@click.option("--kid", help="Key id prefix (default: random); the keys get KID-enc and KID-sign.")
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+@reports_errors
+def keygen(out: str, alg: str, kid: str | None, force: bool) -> None:
+    """Write a JWK Set with a new encryption key and a new Ed25519 signing key (mode 0600)."""
+    if os.path.exists(out) and not force:
+        raise CtfsError(f"{out} exists; pass --force to overwrite it")
+    prefix = kid or secrets.token_hex(4)
+    seed = secrets.token_bytes(32)
+    keys = [
+        EncryptionKey(alg, secrets.token_bytes(ENC_KEY_LENGTHS[alg]), kid=f"{prefix}-enc"),
+        SigningKey(public_key_of(seed), seed, kid=f"{prefix}-sign"),
+    ]
+    doc = json.dumps({"keys": [to_reference_jwk(k) for k in keys]}, indent=2) + "\n"
+    with atomic_output(out, 0o600) as fd:
+        write_all(fd, doc.encode())
+    click.echo(f"wrote {out}: encryption key {prefix}-enc ({alg}), signing key {prefix}-sign (ed25519)")
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path())
+@keys_option
+@click.option("--format-version", type=click.Choice(["1", "2"]), default="2", show_default=True)
+@click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE, show_default=True,
+              help="Bytes per encrypted chunk (format 2).")
+@click.option("--tensors", multiple=True, help="Encrypt only these tensors (repeatable); others stay plain.")
+@click.option("--policy", "policy_file", type=click.Path(exists=True, dir_okay=False),
+              help="Rego policy (package model, rule allow) to embed.")
+@insecure_perms_option
+@reports_errors
+def encrypt(src, dst, keys, format_version, chunk_size, tensors, policy_file, insecure_key_perms) -> None:
+    """Encrypt a .safetensors file, or every one in a model directory (other files are copied)."""
+    store = load_keys(keys, insecure_key_perms)
+    policy = None
+    if policy_file:
+        from ctfs.policy.engine import validate_policy
+
+        policy = Path(policy_file).read_text("utf-8")
+        validate_policy(policy)
+    options = EncryptOptions(format_version, chunk_size, tensors or None, policy)
+    enc_key, sign_key = store.first_encryption_key(), store.signing_key()
+    _apply(Path(src), Path(dst), "encrypt",
+           lambda s, d, cb: encrypt_file(s, d, enc_key, sign_key, options, on_bytes=cb))
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True))
+@click.argument("dst", type=click.Path())
+@keys_option
+@insecure_perms_option
+@reports_errors
+def decrypt(src, dst, keys, insecure_key_perms) -> None:
+    """Decrypt a file or a model directory to plain safetensors (writes plaintext weights to disk)."""
+    store = load_keys(keys, insecure_key_perms)
+    _apply(Path(src), Path(dst), "decrypt", lambda s, d, cb: decrypt_file(s, d, store, on_bytes=cb))
+
+
+def _apply(src: Path, dst: Path, verb: str, operation) -> None:
+    if src.is_dir():
+        files = [src / rel for rel in walk_files(src) if is_safetensors(rel)]
+        with progress(safetensors_data_bytes(files), verb) as bar:
+            done = transform_tree(src, dst, lambda s, d: operation(s, d, bar.update))
+        click.echo(f"{verb}ed {len(done)} safetensors file(s) from {src} into {dst}")
+    else:
+        from ctfs.modeldir import check_distinct
+
+        check_distinct(src, dst)
+        if dst.is_dir():
+            dst = dst / src.name
+        with progress(src.stat().st_size, verb) as bar:
+            operation(src, dst, bar.update)
+        click.echo(f"{verb}ed {src} into {dst}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--keys", "-k", "keys", multiple=True, help="Keys to check the signature with.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@insecure_perms_option
+@reports_errors
+def inspect(file, keys, as_json, insecure_key_perms) -> None:
+    """Describe a file: tensors, encryption, keys, policy, and the signature status when keys are given."""
+    report = _describe(Path(file), load_keys(keys, insecure_key_perms) if keys else None)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    for key in ("file", "encrypted", "version", "chunk_size", "algorithm", "enc_kid", "sign_kid", "signature"):
+        if key in report:
+            click.echo(f"{key:12} {report[key]}")
+    if "policy" in report:
+        click.echo("policy       " + report["policy"].replace("\n", "\n             "))
+    click.echo(f"tensors      {len(report['tensors'])}")
+    for t in report["tensors"]:
+        mark = "encrypted" if t["encrypted"] else "plain"
+        click.echo(f"  {t['name']}  {t['dtype']}{t['shape']}  {t['bytes']} B  {mark}")
+
+
+def _describe(path: Path, store: KeyStore | None) -> dict:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        header = read_header(fd, os.fstat(fd).st_size, str(path))
+    finally:
+        os.close(fd)
+    crypto = parse_crypto_header(header, str(path))
+    report: dict = {"file": str(path), "encrypted": crypto is not None}
+    if crypto is not None:
+        report.update(
+            version=crypto.version, chunk_size=crypto.chunk_size, algorithm=crypto.enc.alg,
+            enc_kid=crypto.enc.kid, sign_kid=crypto.sign.kid, policy=crypto.policy_local,
+        )
+        if store is not None:
+            try:
+                verify_signature(header, crypto, store, str(path))
+                report["signature"] = "valid (trusted signer)"
+            except CtfsError as exc:
+                report["signature"] = f"INVALID: {exc}"
+        else:
+            report["signature"] = "not checked (no keys given)"
+    report["tensors"] = [
+        {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes,
+         "encrypted": crypto is not None and t.name in crypto.ciphers,
+         **({"chunks": tensor_chunk_count(crypto.ciphers[t.name], t)}
+            if crypto is not None and t.name in crypto.ciphers else {})}
+        for t in header.by_offset
+    ]
+    return report
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@keys_option
+@insecure_perms_option
+@reports_errors
+def verify(path, keys, insecure_key_perms) -> None:
+    """Check the signature and every tag of a file, or of every safetensors file in a directory."""
+    store = load_keys(keys, insecure_key_perms)
+    root = Path(path)
+    files = [root / rel for rel in walk_files(root) if is_safetensors(rel)] if root.is_dir() else [root]
+    if not files:
+        raise CtfsError(f"no {SAFETENSORS_SUFFIX} file under {root}")
+    with progress(safetensors_data_bytes(files), "verify") as bar:
+        for file in files:
+            with EncryptedFile(file, store) as ef:
+                ef.verify_all(on_bytes=bar.update)
+    click.echo(f"verified {len(files)} file(s): signatures and every tag are valid")
+
+
+# -- the mount ---------------------------------------------------------------------------------------
+
+def _mount_options(func):
+    options = [
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                     help="TOML file with the mount options; flags given here override it."),
+        click.option("--keys", "-k", "keys", multiple=True, help="JWK / JWK Set file or directory (repeatable)."),
+        click.option("--trust", multiple=True, help="Verify keys of trusted signers (default: the public halves of --keys)."),
+        click.option("--cache-size", help="Bytes of decrypted chunks kept in memory, e.g. 512M (default 256M)."),
+        click.option("--verify", type=click.Choice(["open", "full"]), default=None,
+                     help="full: check every tag at a file's first open (safe for mmap readers)."),
+        click.option("--allow-plain", is_flag=True, default=None, help="Serve unencrypted safetensors files too."),
+        click.option("--allow-other", is_flag=True, default=None, help="Let other users read the mount."),
+        click.option("--policy", help="Operator Rego policy applied on top of each file's own."),
+        click.option("--label", "labels", multiple=True, help="KEY=VALUE fact about this host for policies."),
+        click.option("--audit-log", help="File for one JSON line per access decision, or 'journal'."),
+        click.option("--policy-cache-ttl", type=float, help="Seconds a policy decision is reused (default 5)."),
+        click.option("--insecure-key-perms", is_flag=True, default=None, help="Accept group/world-readable key files."),
+        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None),
+        click.option("--foreground", "-f", is_flag=True, default=None, help="Stay in the foreground (for services)."),
+        click.option("--log-file", help="Where a background daemon writes its log (default: this terminal)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.command()
+@click.argument("source", required=False)
+@click.argument("mountpoint", required=False)
+@_mount_options
+@reports_errors
+def mount(source, mountpoint, config_file, labels, log_file, **flags) -> None:
+    """Serve the encrypted model directory SOURCE as plain safetensors at MOUNTPOINT."""
+    from ctfs.daemon.config import config_from_options, load_config
+
+    overrides = dict(flags, source=source, mountpoint=mountpoint,
+                     labels=dict(_split_label(l) for l in labels) or None)
+    config = load_config(config_file, overrides) if config_file else config_from_options(overrides)
+    if config.foreground:
+        from ctfs.daemon.lifecycle import run_foreground
+
+        run_foreground(config)
+        return
+    from ctfs.daemon.lifecycle import start_background
+
+    argv = [sys.executable, "-m", "ctfs", *sys.argv[1:], "--foreground"]
+    start_background(argv, config.mountpoint, log_file)
+    click.echo(f"ctfs: serving {config.source} at {config.mountpoint}")
+
+
+def _split_label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise CtfsError(f"--label needs KEY=VALUE, got {text!r}")
+    return key, value
+
+
+@main.command()
+@click.argument("mountpoint", required=False)
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="Take the mount point from this mount configuration.")
+@click.option("--stale", is_flag=True, help="Only remove a dead mount left by a killed daemon; never fail.")
+@click.option("--lazy", is_flag=True, help="Detach now even if busy; the mount goes once unused.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the daemon to exit.")
+@reports_errors
+def umount(mountpoint, config_file, stale, lazy, timeout) -> None:
+    """Unmount a ctfs mount and wait for its daemon to exit."""
+    from ctfs.daemon import mountpoint as mp
+
+    if config_file:
+        from ctfs.daemon.config import load_config
+
+        mountpoint = load_config(config_file).mountpoint
+    if not mountpoint:
+        raise CtfsError("give MOUNTPOINT or --config")
+    if stale:
+        try:
+            mp.clean_stale(mountpoint)
+        except (CtfsError, OSError) as exc:
+            click.echo(f"ctfs: warning: {exc}", err=True)
+        return
+    if mp.mount_entry(mountpoint) is None:
+        raise CtfsError(f"{mountpoint} is not mounted")
+    pid = mp.daemon_pid(mountpoint)
+    mp.unmount(mountpoint, lazy=lazy)
+    if pid is not None and not lazy and not mp.wait_for_exit(pid, timeout):
+        raise CtfsError(f"unmounted, but daemon {pid} did not exit within {timeout:g} s")
+
+
+@main.command()
+@click.argument("mountpoint")
+@reports_errors
+def reload(mountpoint) -> None:
+    """Make a running mount re-read its keys (same as SIGHUP to its daemon)."""
+    import signal
+
+    from ctfs.daemon.mountpoint import daemon_pid
+
+    pid = daemon_pid(mountpoint)
+    if pid is None:
+        raise CtfsError(f"{mountpoint} is not served by a ctfs daemon")
+    os.kill(pid, signal.SIGHUP)
+    click.echo(f"asked daemon {pid} to reload its keys")
+
+
+if __name__ == "__main__":
+    main()

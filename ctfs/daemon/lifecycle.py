@@ -1,0 +1,211 @@
+"""Run a mount: start the daemon, report readiness, reload keys on SIGHUP, stop cleanly on SIGTERM."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ctfs.daemon import sdnotify
+from ctfs.daemon.chunk_cache import ChunkCache
+from ctfs.daemon.config import AUDIT_TO_JOURNAL, MountConfig
+from ctfs.daemon.fuse_ops import CtfsOperations, serve
+from ctfs.daemon.mountpoint import clean_stale, is_stale, mount_entry, raise_readahead
+from ctfs.daemon.source import ModelSource, SourceOptions
+from ctfs.errors import CtfsError
+from ctfs.keys.files import load_key_paths
+from ctfs.keys.jwk import SigningKey
+from ctfs.keys.store import KeyStore
+from ctfs.policy.audit import AuditLog
+from ctfs.policy.gate import PolicyGate
+
+log = logging.getLogger("ctfs")
+
+READY_FD_ENV = "CTFS_READY_FD"  # set by `ctfs mount` for the daemon it starts in the background
+READ_AHEAD_KB = 16 * 1024
+READY_TIMEOUT = 60.0
+PR_SET_DUMPABLE = 4
+
+
+def make_undumpable() -> None:
+    """No core dumps and no ptrace by other users: the daemon's memory holds keys and plaintext."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise CtfsError(f"cannot make the daemon non-dumpable: {os.strerror(ctypes.get_errno())}")
+
+
+def build_keys(config: MountConfig) -> KeyStore:
+    check = not config.insecure_key_perms
+    keys = load_key_paths(config.keys, check_perms=check)
+    trusted = None
+    if config.trust:
+        trusted = [k for k in load_key_paths(config.trust, check_perms=False) if isinstance(k, SigningKey)]
+        if not trusted:
+            raise CtfsError("--trust names no Ed25519 verify key")
+    store = KeyStore(keys, trusted)
+    if not store.encryption_keys:
+        raise CtfsError("no encryption key given (--keys)")
+    if not store.trusted:
+        raise CtfsError("no trusted signer: give a signing key's public half with --trust, or the key set")
+    return store
+
+
+def build_gate(config: MountConfig) -> PolicyGate:
+    audit = None
+    if config.audit_log == AUDIT_TO_JOURNAL:
+        audit = AuditLog.to_journal()
+    elif config.audit_log:
+        audit = AuditLog.to_file(config.audit_log)
+    operator_policy = Path(config.policy).read_text("utf-8") if config.policy else None
+    return PolicyGate(operator_policy=operator_policy, labels=config.labels,
+                      cache_ttl=config.policy_cache_ttl, audit=audit)
+
+
+class Daemon:
+    """One mount's daemon, in the foreground of its process."""
+
+    def __init__(self, config: MountConfig):
+        self.config = config
+        self.mountpoint = os.path.abspath(config.mountpoint)
+        self.cache = ChunkCache(config.cache_size)
+        self.source = ModelSource(
+            config.source, build_keys(config), self.cache,
+            SourceOptions(allow_plain=config.allow_plain, verify_full=config.verify == "full"),
+            build_gate(config),
+        )
+        self.watchdog = sdnotify.Watchdog(healthy=self._healthy)
+        self.ready = threading.Event()
+
+    def _healthy(self) -> bool:
+        try:
+            os.stat(self.mountpoint)
+        except OSError:
+            return False
+        return True
+
+    def _prepare_mountpoint(self) -> None:
+        if not os.path.isdir(self.config.source):
+            raise CtfsError(f"source {self.config.source} is not a directory")
+        clean_stale(self.mountpoint)
+        if not os.path.isdir(self.mountpoint):
+            raise CtfsError(f"mount point {self.mountpoint} is not a directory")
+        if mount_entry(self.mountpoint) is not None:
+            raise CtfsError(f"{self.mountpoint} is already a mount point; unmount it first")
+
+    def _on_init(self) -> None:
+        # Called by libfuse from inside the mount: readiness is announced from another thread once a
+        # stat through the kernel round-trips, i.e. once the mount really serves.
+        threading.Thread(target=self._announce_ready, name="ctfs-ready", daemon=True).start()
+
+    def _announce_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while mount_entry(self.mountpoint) is None or not self._healthy():
+            if time.monotonic() > deadline:
+                log.error("mount did not become ready within %.0f s", READY_TIMEOUT)
+                return
+            time.sleep(0.01)
+        raise_readahead(self.mountpoint, READ_AHEAD_KB)
+        log.info("serving %s at %s", self.config.source, self.mountpoint)
+        _report_to_parent("ready")
+        sdnotify.ready(f"serving {self.config.source} at {self.mountpoint}")
+        self.watchdog.start()
+        self.ready.set()
+
+    def reload_keys(self) -> None:
+        """SIGHUP / `ctfs reload`: re-read every key source; on failure keep serving with the old keys."""
+        sdnotify.reloading()
+        try:
+            self.source.reload_keys(build_keys(self.config))
+            self.cache.drop(lambda key: True)
+            log.info("keys reloaded")
+        except CtfsError as exc:
+            log.error("key reload failed, keeping the previous keys: %s", exc)
+        sdnotify.ready("keys reloaded")
+
+    def _watch_sighup(self) -> None:
+        while True:
+            signal.sigwait({signal.SIGHUP})
+            self.reload_keys()
+
+    def run(self) -> None:
+        self._prepare_mountpoint()
+        # SIGHUP is taken synchronously by a thread of ours: libfuse would otherwise treat it as "exit",
+        # and Python handlers never run while the main thread sits inside libfuse.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        threading.Thread(target=self._watch_sighup, name="ctfs-sighup", daemon=True).start()
+        ops = CtfsOperations(self.source, self._on_init)
+        try:
+            serve(ops, self.mountpoint, fsname="ctfs", allow_other=self.config.allow_other)
+        except RuntimeError as exc:
+            raise CtfsError(f"libfuse could not mount {self.mountpoint} (status {exc})") from None
+        finally:
+            sdnotify.stopping()
+            self.watchdog.stop()
+            self.cache.close()
+        if not self.ready.is_set():
+            raise CtfsError(f"could not mount {self.mountpoint} (see the messages above)")
+        log.info("unmounted %s", self.mountpoint)
+
+
+def _report_to_parent(message: str) -> None:
+    """Tell the `ctfs mount` that started us (if any) how the start went, once."""
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is None:
+        return
+    try:
+        os.write(int(fd), (message.replace("\n", " ") + "\n").encode())
+        os.close(int(fd))
+    except OSError:
+        pass
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(stream=sys.stderr, level=level.upper(), format="ctfs[%(process)d]: %(levelname)s %(message)s")
+    # mfusepy logs every refused operation with a traceback at debug level only; keep it quiet.
+    logging.getLogger("mfusepy").setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
+
+
+def run_foreground(config: MountConfig) -> None:
+    """The daemon's main: serve until unmounted. Errors before readiness reach the parent, if any."""
+    setup_logging(config.log_level)
+    try:
+        make_undumpable()
+        Daemon(config).run()
+    except CtfsError as exc:
+        _report_to_parent(f"error: {exc}")
+        raise
+
+
+def start_background(argv: list[str], mountpoint: str, log_file: str | None) -> None:
+    """Start `argv` (a foreground mount) detached and return once it serves; raise with its reason if
+    it fails, leaving nothing mounted."""
+    read_end, write_end = os.pipe()
+    stderr = open(log_file, "ab") if log_file else None
+    try:
+        proc = subprocess.Popen(
+            argv, pass_fds=(write_end,), env={**os.environ, READY_FD_ENV: str(write_end)},
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+        )
+    finally:
+        os.close(write_end)
+        if stderr:
+            stderr.close()
+    with os.fdopen(read_end, "rb") as pipe:
+        message = pipe.readline().decode(errors="replace").strip()
+    if message == "ready":
+        return
+    try:
+        code = proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    if mount_entry(mountpoint) is not None and is_stale(mountpoint):
+        clean_stale(mountpoint)
+    reason = message.removeprefix("error: ") if message else f"daemon exited with status {code}"
+    raise CtfsError(reason)

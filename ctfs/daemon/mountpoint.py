@@ -1,0 +1,100 @@
+"""Facts about and actions on a mount point: is it mounted, stale, whose daemon serves it, unmount it."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from ctfs.errors import CtfsError
+
+log = logging.getLogger(__name__)
+PID_XATTR = "user.ctfs.pid"
+
+
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
+    return field.encode().decode("unicode_escape").encode("latin-1").decode("utf-8", "surrogateescape")
+
+
+def mount_entry(mountpoint: str) -> dict[str, str] | None:
+    """The mountinfo entry of `mountpoint`, if something is mounted exactly there."""
+    target = os.path.abspath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+        for line in table:
+            fields = line.split()
+            sep = fields.index("-")
+            if _unescape(fields[4]) == target:
+                found = {"fstype": fields[sep + 1], "source": _unescape(fields[sep + 2]), "dev": fields[2]}
+    return found  # the last entry wins: it is the one on top
+
+
+def is_stale(mountpoint: str) -> bool:
+    """A FUSE mount whose daemon died: every access fails with ENOTCONN."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def daemon_pid(mountpoint: str) -> int | None:
+    try:
+        return int(os.getxattr(mountpoint, PID_XATTR))
+    except (OSError, ValueError):
+        return None
+
+
+def _fusermount() -> str:
+    for name in ("fusermount3", "fusermount"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise CtfsError("fusermount3 not found; install the fuse3 package")
+
+
+def unmount(mountpoint: str, *, lazy: bool = False) -> None:
+    """Unmount; a busy mount is an error unless `lazy` (then it detaches now and goes when unused)."""
+    args = [_fusermount(), "-u", *(["-z"] if lazy else []), mountpoint]
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "fusermount failed"
+        raise CtfsError(f"cannot unmount {mountpoint}: {reason}")
+
+
+def clean_stale(mountpoint: str) -> bool:
+    """Lazily unmount a dead mount left by a killed daemon; True if one was there."""
+    if mount_entry(mountpoint) is None or not is_stale(mountpoint):
+        return False
+    log.warning("%s: removing a stale mount left by a daemon that died", mountpoint)
+    unmount(mountpoint, lazy=True)
+    return True
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def raise_readahead(mountpoint: str, kilobytes: int) -> bool:
+    """Raise the mount's block-device read-ahead: without it the kernel sends 128 KiB requests, and
+    only root may write it. Returns whether it was set."""
+    dev = os.stat(mountpoint).st_dev
+    knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+    try:
+        knob.write_text(str(kilobytes))
+    except OSError as exc:
+        log.info("read_ahead_kb left at its default (%s): large reads will be slower", exc.strerror)
+        return False
+    return True

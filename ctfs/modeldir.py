@@ -1,0 +1,64 @@
+"""Apply a per-file operation to a model directory: safetensors files transformed, other files copied."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ctfs.atomic import atomic_output
+from ctfs.errors import CtfsError
+
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def is_safetensors(path: Path) -> bool:
+    return path.suffix == SAFETENSORS_SUFFIX
+
+
+def walk_files(root: Path) -> Iterator[Path]:
+    """Regular files below `root`, relative to it, in a stable order; hidden temp files skipped."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath, name)
+            if path.is_file() and not name.endswith(".ctfs-tmp"):
+                yield path.relative_to(root)
+
+
+def check_distinct(src: Path, dst: Path) -> None:
+    """The source is never touched: refuse a destination that is, or lies inside, the source."""
+    src_r, dst_r = src.resolve(), dst.resolve()
+    if src_r == dst_r or (src.is_dir() and src_r in dst_r.parents):
+        raise CtfsError(f"destination {dst} must lie outside the source {src}")
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    with open(src, "rb") as fin, atomic_output(dst, src.stat().st_mode & 0o777) as fd:
+        with os.fdopen(os.dup(fd), "wb") as fout:
+            shutil.copyfileobj(fin, fout, 16 * 1024 * 1024)
+
+
+def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Path], None]) -> list[Path]:
+    """`transform(src_file, dst_file)` every safetensors file; copy the rest unchanged.
+
+    Returns the safetensors files handled, relative to `src`.
+    """
+    check_distinct(src, dst)
+    if not src.is_dir():
+        raise CtfsError(f"{src} is not a directory")
+    done = []
+    for rel in walk_files(src):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        if is_safetensors(rel):
+            transform(src / rel, dst / rel)
+            done.append(rel)
+        else:
+            copy_file(src / rel, dst / rel)
+    return done
+
+
+def safetensors_data_bytes(paths: list[Path]) -> int:
+    """Total size of the files, for a progress bar."""
+    return sum(p.stat().st_size for p in paths)
