@@ -236,6 +236,7 @@ def _mount_options(func):
         click.option("--policy", help="Operator Rego policy applied on top of each file's own."),
         click.option("--label", "labels", multiple=True, help="KEY=VALUE fact about this host for policies."),
         click.option("--audit-log", help="File for one JSON line per access decision, or 'journal'."),
+        click.option("--hide-denied", is_flag=True, default=None, help="Do not list files the policy denies to the reader."),
         click.option("--policy-cache-ttl", type=float, help="Seconds a policy decision is reused (default 5)."),
         click.option("--insecure-key-perms", is_flag=True, default=None, help="Accept group/world-readable key files."),
         click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None),
@@ -324,6 +325,58 @@ def reload(mountpoint) -> None:
         raise CtfsError(f"{mountpoint} is not served by a ctfs daemon")
     os.kill(pid, signal.SIGHUP)
     click.echo(f"asked daemon {pid} to reload its keys")
+
+
+# -- policy and audit --------------------------------------------------------------------------------
+
+@main.group()
+def policy() -> None:
+    """Work with access policies offline."""
+
+
+@policy.command("test")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--input", "input_file", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="JSON input document (the schema the daemon builds; see docs/policy.md).")
+@reports_errors
+def policy_test(file, input_file) -> None:
+    """Evaluate FILE (a .rego policy, or the policy embedded in an encrypted file) against an input.
+    Exits 0 if allowed, 1 if denied."""
+    from ctfs.policy import gate
+
+    try:
+        input_doc = json.loads(Path(input_file).read_text("utf-8"))
+    except ValueError as exc:
+        raise CtfsError(f"{input_file}: not valid JSON ({exc})") from None
+    decision = gate.test_policy_file(file, input_doc, embedded_policy_of=_embedded_policy)
+    click.echo(f"{'allow' if decision.allowed else 'deny'}: {decision.reason}")
+    sys.exit(0 if decision.allowed else 1)
+
+
+def _embedded_policy(path: str) -> str | None:
+    report = _describe(Path(path), None)
+    return report.get("policy")
+
+
+@main.command()
+@click.argument("log", default="-")
+@click.option("--deny", "only_denied", is_flag=True, help="Only denied opens.")
+@click.option("--uid", type=int, help="Only this reader uid.")
+@click.option("--file", "file_glob", help="Only files matching this glob (path inside the mount).")
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%z"]),
+              help="Only decisions at or after this time (local time unless an offset is given).")
+@click.option("--json", "as_json", is_flag=True, help="Print the matching records as JSON lines.")
+@reports_errors
+def audit(log, only_denied, uid, file_glob, since, as_json) -> None:
+    """Show access decisions from an audit LOG file (or '-' for stdin, e.g. from journalctl)."""
+    from ctfs.policy.audit import filter_records, format_record, read_records
+
+    records = read_records(log)
+    for rec in filter_records(records, decision="deny" if only_denied else None, uid=uid,
+                              file_glob=file_glob, since=since):
+        click.echo(json.dumps(rec, ensure_ascii=False) if as_json else format_record(rec))
+    if records.malformed:
+        click.echo(f"ctfs: warning: skipped {records.malformed} malformed line(s)", err=True)
 
 
 if __name__ == "__main__":

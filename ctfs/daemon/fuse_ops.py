@@ -65,13 +65,18 @@ class CtfsOperations(mfusepy.Operations):
 
     def getattr(self, path: str, fh=None) -> dict[str, int]:
         try:
+            if fh is None and self.source.hidden(path, _reader()):
+                raise FileNotFoundError(errno.ENOENT, "hidden by policy", path)
             return self.source.getattr(path)
         except OSError as exc:
             raise mfusepy.FuseOSError(exc.errno or errno.EIO) from None
 
     def readdir(self, path: str, fh) -> list[str]:
         try:
-            return [".", "..", *self.source.readdir(path)]
+            reader = _reader()
+            names = [n for n in self.source.readdir(path)
+                     if not self.source.hidden(f"{path.rstrip('/')}/{n}", reader)]
+            return [".", "..", *names]
         except OSError as exc:
             raise mfusepy.FuseOSError(exc.errno or errno.EIO) from None
 
@@ -95,9 +100,8 @@ class CtfsOperations(mfusepy.Operations):
     def open(self, path: str, fi) -> int:
         if fi.flags & WRITE_FLAGS:
             raise mfusepy.FuseOSError(errno.EROFS)
-        uid, gid, pid = mfusepy.fuse_get_context()
         try:
-            handle = self.source.open(path, Reader(pid=pid, uid=uid, gid=gid))
+            handle = self.source.open(path, _reader())
         except (CtfsError, OSError) as exc:
             code = exc.errno if isinstance(exc, OSError) and exc.errno else errno_of(exc)
             log.error("open %s refused (%s): %s", path, errno.errorcode.get(code, code), exc)
@@ -128,6 +132,12 @@ class CtfsOperations(mfusepy.Operations):
         if handle is not None:
             self.source.release(handle)
         return 0
+
+
+def _reader() -> Reader:
+    """The process behind the current FUSE request."""
+    uid, gid, pid = mfusepy.fuse_get_context()
+    return Reader(pid=pid, uid=uid, gid=gid)
 
 
 def serve(ops: CtfsOperations, mountpoint: str, *, fsname: str, allow_other: bool) -> None:

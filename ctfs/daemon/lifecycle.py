@@ -76,7 +76,8 @@ class Daemon:
         self.cache = ChunkCache(config.cache_size)
         self.source = ModelSource(
             config.source, build_keys(config), self.cache,
-            SourceOptions(allow_plain=config.allow_plain, verify_full=config.verify == "full"),
+            SourceOptions(allow_plain=config.allow_plain, verify_full=config.verify == "full",
+                          hide_denied=config.hide_denied),
             build_gate(config),
         )
         self.watchdog = sdnotify.Watchdog(healthy=self._healthy)

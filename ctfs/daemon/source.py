@@ -48,9 +48,18 @@ def errno_of(exc: BaseException) -> int:
     return errno.EIO
 
 
+@dataclass(frozen=True)
+class HeaderFacts:
+    identity: FileIdentity
+    size: int
+    policy: str | None = None  # None: not an encrypted file
+    key_ids: tuple[str, ...] = ()
+
+
 @dataclass
 class SourceOptions:
     allow_plain: bool = False
+    hide_denied: bool = False
     verify_full: bool = False
     readahead_chunks: int = 2
 
@@ -76,7 +85,7 @@ class ModelSource:
         self.cache = cache
         self.options = options or SourceOptions()
         self.gate = gate
-        self._sizes: dict[str, tuple[FileIdentity, int]] = {}
+        self._headers: dict[str, HeaderFacts] = {}
         self._verified: set[FileIdentity] = set()
         self._opened: dict[str, FileIdentity] = {}
         self._mutex = threading.Lock()
@@ -108,12 +117,17 @@ class ModelSource:
         return {**base, "st_mode": FILE_MODE, "st_nlink": 1, "st_size": size, "st_blocks": -(-size // 512)}
 
     def _plain_size(self, path: str, real: Path, st: os.stat_result) -> int:
-        """The exact size of the plain view, from the header alone (no keys needed), cached per identity."""
+        return self._header_facts(path, real, st).size
+
+    def _header_facts(self, path: str, real: Path, st: os.stat_result) -> HeaderFacts:
+        """What listing a file needs from its header alone (no keys): the plain size and its policy,
+        cached per identity."""
         identity = FileIdentity.of(st)
         with self._mutex:
-            cached = self._sizes.get(path)
-        if cached and cached[0] == identity:
-            return cached[1]
+            cached = self._headers.get(path)
+        if cached and cached.identity == identity:
+            return cached
+        facts = HeaderFacts(identity, st.st_size)
         try:
             fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -121,13 +135,36 @@ class ModelSource:
             finally:
                 os.close(fd)
             crypto = parse_crypto_header(header, path)
-            size = PlainView(header, crypto).size if crypto is not None else st.st_size
+            if crypto is not None:
+                key_ids = tuple(k for k in (crypto.enc.kid, crypto.sign.kid) if k)
+                facts = HeaderFacts(identity, PlainView(header, crypto).size, crypto.policy_local, key_ids)
         except FormatError:
-            # Listed with its raw size; opening it fails with EIO and the reason is logged then.
-            size = st.st_size
+            pass  # listed with its raw size; opening it fails with EIO and the reason is logged then
         with self._mutex:
-            self._sizes[path] = (identity, size)
-        return size
+            self._headers[path] = facts
+        return facts
+
+    def hidden(self, path: str, reader: Reader) -> bool:
+        """With --hide-denied, encrypted files the policy refuses to this reader are not listed."""
+        if not self.options.hide_denied or self.gate is None:
+            return False
+        real = self.real_path(path)
+        if not is_safetensors(real):
+            return False
+        try:
+            st = os.stat(real)
+        except OSError:
+            return False
+        facts = self._header_facts(path, real, st)
+        if facts.policy is None:
+            return False
+        return not self._decide(path, reader, facts.policy, facts.key_ids, facts.identity).allowed
+
+    def _decide(self, path: str, reader: Reader, policy: str, key_ids, identity: FileIdentity):
+        return self.gate.check(
+            reader=reader, file=path, model_dir=str(Path(path).parent), embedded_policy=policy,
+            key_ids=list(key_ids), file_identity=identity,
+        )
 
     def readdir(self, path: str) -> list[str]:
         return sorted(e.name for e in os.scandir(self.real_path(path)) if not e.name.endswith(".ctfs-tmp"))
@@ -173,10 +210,8 @@ class ModelSource:
     def _admit(self, path: str, served: EncryptedFile, reader: Reader | None) -> None:
         if self.gate is not None and reader is not None:
             crypto = served.crypto
-            decision = self.gate.check(
-                reader=reader, file=path, model_dir=str(Path(path).parent), embedded_policy=crypto.policy_local,
-                key_ids=[k for k in (crypto.enc.kid, crypto.sign.kid) if k], file_identity=served.identity,
-            )
+            key_ids = [k for k in (crypto.enc.kid, crypto.sign.kid) if k]
+            decision = self._decide(path, reader, crypto.policy_local, key_ids, served.identity)
             if not decision.allowed:
                 raise AccessDenied(f"{path}: denied by policy: {decision.reason}")
         served.unwrap_all()
