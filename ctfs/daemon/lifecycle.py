@@ -118,21 +118,24 @@ class Daemon:
         self.watchdog.start()
         self.ready.set()
 
-    def reload_keys(self) -> None:
-        """SIGHUP / `ctfs reload`: re-read every key source; on failure keep serving with the old keys."""
+    def reload(self) -> None:
+        """SIGHUP / `ctfs reload`: re-read every key source and the operator policy; if either fails,
+        keep serving with the previous ones."""
         sdnotify.reloading()
         try:
-            self.source.reload_keys(build_keys(self.config))
+            keys, gate = build_keys(self.config), build_gate(self.config)
+        except (CtfsError, OSError) as exc:
+            log.error("reload failed, keeping the previous keys and policy: %s", exc)
+        else:
+            self.source.reload(keys, gate)
             self.cache.drop(lambda key: True)
-            log.info("keys reloaded")
-        except CtfsError as exc:
-            log.error("key reload failed, keeping the previous keys: %s", exc)
-        sdnotify.ready("keys reloaded")
+            log.info("keys and policy reloaded")
+        sdnotify.ready("keys and policy reloaded")
 
     def _watch_sighup(self) -> None:
         while True:
             signal.sigwait({signal.SIGHUP})
-            self.reload_keys()
+            self.reload()
 
     def run(self) -> None:
         self._prepare_mountpoint()

@@ -95,13 +95,12 @@ class ModelSource:
         """The source path of a mount path; `..` cannot climb out because FUSE resolves it first."""
         return self.root / path.lstrip("/")
 
-    def reload_keys(self, keys: KeySource) -> None:
-        """New opens use `keys`; files whose keys are gone are refused from now on."""
+    def reload(self, keys: KeySource, gate: PolicyGate | None) -> None:
+        """New opens use `keys` and `gate`; files whose keys are gone are refused from now on."""
+        # The old gate is not closed: an open in flight may still write its audit record through it.
         with self._mutex:
-            self.keys = keys
+            self.keys, self.gate = keys, gate
             self._verified.clear()
-        if self.gate is not None:
-            self.gate.invalidate()
 
     # -- metadata --------------------------------------------------------------------------------
     def getattr(self, path: str) -> dict[str, int]:
