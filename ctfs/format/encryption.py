@@ -77,9 +77,13 @@ def b64decode_strict(value: Any, what: str) -> bytes:
     if not isinstance(value, str):
         raise FormatError(f"{what} must be a base64 string")
     try:
-        return binascii.a2b_base64(value, strict_mode=True)
+        decoded = binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, ValueError):
         raise FormatError(f"{what} is not valid padded standard base64") from None
+    # Upstream also refuses non-zero trailing bits, so every value has exactly one accepted spelling.
+    if binascii.b2a_base64(decoded, newline=False) != value.encode("ascii"):
+        raise FormatError(f"{what} is not canonical base64 (non-zero trailing bits)")
+    return decoded
 
 
 def chunk_count(length: int, chunk_size: int) -> int:
@@ -121,7 +125,9 @@ def parse_crypto_header(header: Header, source: str) -> CryptoHeader | None:
 def _json_object(text: str, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(text)
-    except ValueError:
+        # Lone surrogates parse in Python but are not valid UTF-8; upstream (serde) rejects them.
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):  # deep nesting exhausts the recursive decoder
         raise FormatError(f"{what} is not valid JSON") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{what} is not a JSON object")

@@ -141,7 +141,7 @@ def load_key_file(path: str | os.PathLike[str], *, check_perms: bool = True) -> 
         raise KeyUnavailable(f"{path}: {exc}") from None
     except OSError as exc:
         raise KeyUnavailable(f"{path}: cannot read key file ({exc.strerror})") from None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep for the JSON decoder
         raise KeyUnavailable(f"{path}: not a JSON key file") from None
 
 
