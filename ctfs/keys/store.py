@@ -9,6 +9,8 @@ from ctfs.errors import KeyUnavailable
 from ctfs.format.encryption import KeyRef
 from ctfs.keys.jwk import EncryptionKey, Key, SigningKey
 
+SIGN_ALG = "ed25519"  # the normalised sign alg of every header (KeyRef.alg)
+
 
 class KeySource(Protocol):
     """What a reader needs: a master key for a descriptor, and the trusted verify keys for a signer."""
@@ -16,6 +18,16 @@ class KeySource(Protocol):
     def encryption_key(self, ref: KeyRef) -> EncryptionKey: ...
 
     def trusted_verify_keys(self, ref: KeyRef) -> list[bytes]: ...
+
+
+def key_alg(key: Key) -> str:
+    return key.alg if isinstance(key, EncryptionKey) else SIGN_ALG
+
+
+def matches(key: Key, ref: KeyRef) -> bool:
+    """A key answers a descriptor when its algorithm (and so its kty) agrees and, if the descriptor
+    names a kid, its kid does: the one lookup rule of every key source."""
+    return key_alg(key) == ref.alg and (ref.kid is None or key.kid == ref.kid)
 
 
 def _by_kid(keys: Iterable[Key], kid: str | None) -> list[Key]:
