@@ -1,0 +1,108 @@
+"""A mount mirrors its source read-only, each encrypted file as its exact plain view, for any read and any
+number of concurrent readers."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import make_keys
+from mounting import (
+    CHILD_TIMEOUT, CONSUMERS_SCRIPT, SERVED_CHUNK_SIZE, SERVED_NAMES, call_with_timeout, make_served_dir, mounted,
+    requires_fuse, write_key_file,
+)
+
+pytestmark = requires_fuse
+
+
+@pytest.fixture(scope="module")
+def served_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mount")
+    keys = make_keys()
+    src, views = make_served_dir(root, keys)
+    return root, src, {name: path.read_bytes() for name, path in views.items()}, write_key_file(root / "keys.jwk", keys)
+
+
+@pytest.fixture(scope="module")
+def served(served_dir):
+    root, src, plain, key_file = served_dir
+    with mounted(src, root / "mnt", "--keys", str(key_file)) as mount:
+        yield mount, plain
+
+
+def test_listing_sizes_and_modes_are_right_before_any_open(served_dir, tmp_path):
+    root, src, plain, key_file = served_dir
+    with mounted(src, tmp_path / "mnt", "--keys", str(key_file)) as mount:
+        assert sorted(os.listdir(mount.mountpoint)) == sorted(os.listdir(src))
+        for name, data in plain.items():
+            st_ = os.stat(mount.path(name))
+            assert st_.st_size == len(data), name
+            assert stat.S_IMODE(st_.st_mode) == 0o444 and stat.S_ISREG(st_.st_mode)
+        assert mount.path("config.json").read_bytes() == (src / "config.json").read_bytes()
+
+
+def test_the_mount_refuses_writes(served):
+    mount, _ = served
+    attempts = [(name, flags) for name in ("ctfs-v2.safetensors", "config.json")
+                for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC)]
+    for name, flags in [*attempts, ("new-file", os.O_WRONLY | os.O_CREAT)]:
+        with pytest.raises(OSError) as refused:
+            os.open(mount.path(name), flags, 0o644)
+        assert refused.value.errno == errno.EROFS, (name, flags)
+
+
+def pread_all(path, offset: int, size: int, direct: bool) -> bytes:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_random_reads_equal_the_plain_slice(served, data):
+    mount, plain = served
+    name = data.draw(st.sampled_from(SERVED_NAMES), label="file")
+    expected = plain[name]
+    offset = data.draw(st.integers(0, len(expected) + 10), label="offset")
+    size = data.draw(st.integers(0, 4 * SERVED_CHUNK_SIZE) | st.integers(0, len(expected)), label="size")
+    # O_DIRECT reads reach the daemon every time, unaligned; buffered ones mostly come from the page cache.
+    direct = data.draw(st.booleans(), label="O_DIRECT")
+    got = call_with_timeout(lambda: pread_all(mount.path(name), offset, size, direct))
+    assert got == expected[offset:offset + size]
+
+
+PROCESSES = 4
+THREADS_PER_PROCESS = 6
+
+
+def test_processes_and_threads_reading_the_same_and_different_files_at_once_see_exact_bytes(served_dir, tmp_path):
+    root, src, plain, key_file = served_dir
+    # A cold mount with a cache smaller than the files: chunks are evicted, decrypted again and waited for.
+    with mounted(src, tmp_path / "mnt", "--keys", str(key_file), "--cache-size", "64K") as mount:
+        readers = [
+            subprocess.Popen([sys.executable, str(CONSUMERS_SCRIPT), "threads", str(mount.mountpoint),
+                              str(THREADS_PER_PROCESS), *SERVED_NAMES[i:], *SERVED_NAMES[:i]],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(PROCESSES)
+        ]
+        try:
+            outputs = [reader.communicate(timeout=CHILD_TIMEOUT) for reader in readers]
+        finally:
+            for reader in readers:
+                reader.kill()
+        assert os.stat(mount.path(SERVED_NAMES[0])).st_size == len(plain[SERVED_NAMES[0]])  # still serving
+    want = {name: [hashlib.sha256(data).hexdigest()] for name, data in plain.items()}
+    for reader, (out, err) in zip(readers, outputs):
+        assert reader.returncode == 0, err
+        assert json.loads(out) == {"digests": want, "errors": []}
