@@ -16,12 +16,11 @@ from ctfs.daemon import sdnotify
 from ctfs.daemon.chunk_cache import ChunkCache
 from ctfs.daemon.config import AUDIT_TO_JOURNAL, MountConfig
 from ctfs.daemon.fuse_ops import CtfsOperations, serve
-from ctfs.daemon.mountpoint import clean_stale, is_stale, mount_entry, raise_readahead
+from ctfs.daemon.mountpoint import (abort_and_detach, ask_daemon_pid, clean_stale, is_stale, mount_entry,
+                                    raise_readahead)
 from ctfs.daemon.source import ModelSource, SourceOptions
 from ctfs.errors import CtfsError
-from ctfs.keys.files import load_key_paths
-from ctfs.keys.jwk import SigningKey
-from ctfs.keys.store import KeyStore
+from ctfs.keys.chain import KeyChain, build_chain
 from ctfs.policy.audit import AuditLog
 from ctfs.policy.gate import PolicyGate
 
@@ -30,6 +29,15 @@ log = logging.getLogger("ctfs")
 READY_FD_ENV = "CTFS_READY_FD"  # set by `ctfs mount` for the daemon it starts in the background
 READ_AHEAD_KB = 16 * 1024
 READY_TIMEOUT = 60.0
+# Long enough for a busy daemon, short enough that a hung one is logged well before the watchdog fires.
+HEALTH_CHECK_TIMEOUT = 5.0
+# Every signal the daemon acts on is taken by one thread of ours with sigwait(): SIGHUP reloads, the
+# others stop. They stay blocked in every thread for the life of the process: libfuse puts back their
+# default action (death) as soon as its loop ends, where a SIGTERM sent right after an unmount (systemd
+# sends one once ExecStop= returns) would meet it; and Python handlers never run while the main thread
+# sits inside libfuse.
+RELOAD_SIGNAL = signal.SIGHUP
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 PR_SET_DUMPABLE = 4
 
 
@@ -40,20 +48,16 @@ def make_undumpable() -> None:
         raise CtfsError(f"cannot make the daemon non-dumpable: {os.strerror(ctypes.get_errno())}")
 
 
-def build_keys(config: MountConfig) -> KeyStore:
-    check = not config.insecure_key_perms
-    keys = load_key_paths(config.keys, check_perms=check)
-    trusted = None
-    if config.trust:
-        trusted = [k for k in load_key_paths(config.trust, check_perms=False) if isinstance(k, SigningKey)]
-        if not trusted:
-            raise CtfsError("--trust names no Ed25519 verify key")
-    store = KeyStore(keys, trusted)
-    if not store.encryption_keys:
-        raise CtfsError("no encryption key given (--keys)")
-    if not store.trusted:
+def build_keys(config: MountConfig) -> KeyChain:
+    """The mount's key chain (docs/keys.md); built again on every reload, which empties its caches."""
+    chain = build_chain(config.keys, config.trust, config.key_command, config.allow_jku,
+                        check_perms=not config.insecure_key_perms)
+    if not chain.may_decrypt():
+        raise CtfsError("no encryption key: give --keys, a systemd credential, CRYPTOTENSOR_KEYS, "
+                        "a keyring entry or a key command")
+    if not chain.may_verify():
         raise CtfsError("no trusted signer: give a signing key's public half with --trust, or the key set")
-    return store
+    return chain
 
 
 def build_gate(config: MountConfig) -> PolicyGate:
@@ -82,13 +86,16 @@ class Daemon:
         )
         self.watchdog = sdnotify.Watchdog(healthy=self._healthy)
         self.ready = threading.Event()
+        self.stop_requested = threading.Event()
+        # The device of our mount once it serves: a stop signal aborts that mount only, never one made at
+        # the same path after ours has gone.
+        self._served_dev: str | None = None
+        self._served_lock = threading.Lock()
 
     def _healthy(self) -> bool:
-        try:
-            os.stat(self.mountpoint)
-        except OSError:
-            return False
-        return True
+        # A question only the daemon can answer: the kernel may answer a stat of the mount root from its
+        # attribute cache, so a hung daemon would pass that one.
+        return ask_daemon_pid(self.mountpoint, HEALTH_CHECK_TIMEOUT) == os.getpid()
 
     def _prepare_mountpoint(self) -> None:
         if not os.path.isdir(self.config.source):
@@ -106,11 +113,18 @@ class Daemon:
 
     def _announce_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
-        while mount_entry(self.mountpoint) is None or not self._healthy():
+        while not self.stop_requested.is_set() and (mount_entry(self.mountpoint) is None or not self._healthy()):
             if time.monotonic() > deadline:
                 log.error("mount did not become ready within %.0f s", READY_TIMEOUT)
                 return
             time.sleep(0.01)
+        entry = mount_entry(self.mountpoint)
+        with self._served_lock:
+            self._served_dev = entry["dev"] if entry else None
+        # A stop signal taken before the line above found nothing to abort: it is ours to act on.
+        if self.stop_requested.is_set():
+            self._abort_mount()
+            return
         raise_readahead(self.mountpoint, READ_AHEAD_KB)
         log.info("serving %s at %s", self.config.source, self.mountpoint)
         _report_to_parent("ready")
@@ -132,17 +146,33 @@ class Daemon:
             log.info("keys and policy reloaded")
         sdnotify.ready("keys and policy reloaded")
 
-    def _watch_sighup(self) -> None:
+    def _take_signals(self) -> None:
         while True:
-            signal.sigwait({signal.SIGHUP})
-            self.reload()
+            if signal.sigwait({RELOAD_SIGNAL, *STOP_SIGNALS}) == RELOAD_SIGNAL:
+                self.reload()
+            else:
+                self.stop_requested.set()
+                self._abort_mount()
+
+    def _abort_mount(self) -> None:
+        """Stop serving now, as libfuse's own SIGTERM handler would: the loop then ends and run() returns."""
+        with self._served_lock:
+            dev = self._served_dev
+        entry = mount_entry(self.mountpoint)
+        if dev is None or entry is None or entry["dev"] != dev:
+            return  # not serving yet (_announce_ready acts on the request), or already unmounted
+        log.info("stop requested: unmounting %s", self.mountpoint)
+        try:
+            abort_and_detach(self.mountpoint)
+        except CtfsError as exc:
+            log.error("%s", exc)
 
     def run(self) -> None:
+        """Serve until unmounted or stopped; the caller has blocked RELOAD_SIGNAL and STOP_SIGNALS."""
+        threading.Thread(target=self._take_signals, name="ctfs-signals", daemon=True).start()
         self._prepare_mountpoint()
-        # SIGHUP is taken synchronously by a thread of ours: libfuse would otherwise treat it as "exit",
-        # and Python handlers never run while the main thread sits inside libfuse.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
-        threading.Thread(target=self._watch_sighup, name="ctfs-sighup", daemon=True).start()
+        if self.stop_requested.is_set():
+            return
         ops = CtfsOperations(self.source, self._on_init)
         try:
             serve(ops, self.mountpoint, fsname="ctfs", allow_other=self.config.allow_other)
@@ -152,7 +182,7 @@ class Daemon:
             sdnotify.stopping()
             self.watchdog.stop()
             self.cache.close()
-        if not self.ready.is_set():
+        if not self.ready.is_set() and not self.stop_requested.is_set():
             raise CtfsError(f"could not mount {self.mountpoint} (see the messages above)")
         log.info("unmounted %s", self.mountpoint)
 
@@ -178,6 +208,8 @@ def setup_logging(level: str) -> None:
 def run_foreground(config: MountConfig) -> None:
     """The daemon's main: serve until unmounted. Errors before readiness reach the parent, if any."""
     setup_logging(config.log_level)
+    # Before any thread starts, so every thread inherits the mask (see STOP_SIGNALS).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {RELOAD_SIGNAL, *STOP_SIGNALS})
     try:
         make_undumpable()
         Daemon(config).run()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +16,8 @@ from ctfs.errors import CtfsError
 
 log = logging.getLogger(__name__)
 PID_XATTR = "user.ctfs.pid"
+# umount2(2) flags; MNT_FORCE makes the kernel abort a FUSE connection.
+MNT_FORCE, MNT_DETACH = 1, 2
 
 
 def _unescape(field: str) -> str:
@@ -37,7 +41,8 @@ def mount_entry(mountpoint: str) -> dict[str, str] | None:
 def is_stale(mountpoint: str) -> bool:
     """A FUSE mount whose daemon died: every access fails with ENOTCONN."""
     try:
-        os.stat(mountpoint)
+        # Not stat(): for a second or so after the daemon died, the kernel answers that from its cache.
+        os.statvfs(mountpoint)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
@@ -48,6 +53,19 @@ def daemon_pid(mountpoint: str) -> int | None:
         return int(os.getxattr(mountpoint, PID_XATTR))
     except (OSError, ValueError):
         return None
+
+
+def ask_daemon_pid(mountpoint: str, timeout: float) -> int | None:
+    """daemon_pid(), or None when the daemon does not answer within `timeout` seconds.
+
+    The kernel keeps no cache of extended attributes, so the answer comes from the daemon itself every
+    time (a stat of the mount root may come from the kernel's attribute cache). A question left
+    unanswered keeps its thread blocked until the daemon answers or dies."""
+    answer: list[int | None] = []
+    asker = threading.Thread(target=lambda: answer.append(daemon_pid(mountpoint)), name="ctfs-ask-pid", daemon=True)
+    asker.start()
+    asker.join(timeout)
+    return answer[0] if answer else None
 
 
 def _fusermount() -> str:
@@ -67,6 +85,19 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> None:
         raise CtfsError(f"cannot unmount {mountpoint}: {reason}")
 
 
+def abort_and_detach(mountpoint: str) -> None:
+    """End the FUSE session now and detach the mount, as libfuse does on SIGTERM: requests in flight and
+    files still open fail with ENOTCONN. Only root may abort; for anyone else this is a lazy unmount,
+    and the daemon serves the files still open until they are closed."""
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.umount2(os.fsencode(mountpoint), MNT_FORCE | MNT_DETACH) != 0:
+            code = ctypes.get_errno()
+            raise CtfsError(f"cannot unmount {mountpoint}: {os.strerror(code)}")
+        return
+    unmount(mountpoint, lazy=True)
+
+
 def clean_stale(mountpoint: str) -> bool:
     """Lazily unmount a dead mount left by a killed daemon; True if one was there."""
     if mount_entry(mountpoint) is None or not is_stale(mountpoint):
@@ -76,12 +107,21 @@ def clean_stale(mountpoint: str) -> bool:
     return True
 
 
+def has_exited(pid: int) -> bool:
+    """Gone, or a zombie: a background daemon's parent has exited, so it waits for init to reap it,
+    which may be slow or never (a container's init); kill(pid, 0) would still call it alive."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat_file:
+            state = stat_file.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
 def wait_for_exit(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if has_exited(pid):
             return True
         time.sleep(0.05)
     return False
