@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import os
@@ -18,9 +17,10 @@ from ctfs.errors import CtfsError
 from ctfs.export import decrypt_file
 from ctfs.format.encryption import DEFAULT_CHUNK_SIZE, ENC_KEY_LENGTHS, parse_crypto_header
 from ctfs.format.view import tensor_chunk_count
+from ctfs.keys.chain import build_chain
 from ctfs.keys.files import load_key_paths
 from ctfs.keys.jwk import EncryptionKey, SigningKey, to_reference_jwk
-from ctfs.keys.store import KeyStore
+from ctfs.keys.store import KeySource, KeyStore
 from ctfs.modeldir import SAFETENSORS_SUFFIX, is_safetensors, safetensors_data_bytes, transform_tree, walk_files
 from ctfs.crypto.signing import public_key_of
 from ctfs.reader import EncryptedFile, read_header, verify_signature
@@ -49,10 +49,6 @@ def reports_errors(func):
     return wrapper
 
 
-def load_keys(paths: tuple[str, ...], insecure_key_perms: bool = False) -> KeyStore:
-    return KeyStore(load_key_paths(paths, check_perms=not insecure_key_perms))
-
-
 def progress(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
 
@@ -61,6 +57,29 @@ keys_option = click.option("--keys", "-k", "keys", multiple=True, required=True,
                            help="JWK / JWK Set file or directory of them (repeatable).")
 insecure_perms_option = click.option("--insecure-key-perms", is_flag=True,
                                      help="Accept key files readable by group or others.")
+trust_option = click.option("--trust", multiple=True,
+                            help="Verify keys of trusted signers (default: the public halves of the signing keys found).")
+key_command_option = click.option("--key-command", help="Command printing a master key as a JWK (docs/keys.md).")
+allow_jku_option = click.option("--allow-jku", multiple=True,
+                                help="file:// prefix under which a header's jku may supply a master key.")
+
+
+def key_sources(func):
+    """Give a command the provider chain of docs/keys.md, built from its key options, as `chain`."""
+
+    @functools.wraps(func)
+    def wrapper(*args, keys, trust, key_command, allow_jku, insecure_key_perms, **kwargs):
+        chain = build_chain(keys, trust, key_command, allow_jku, check_perms=not insecure_key_perms)
+        return func(*args, chain=chain, **kwargs)
+
+    options = [
+        click.option("--keys", "-k", "keys", multiple=True,
+                     help="JWK / JWK Set file or directory (repeatable); the other providers are asked too."),
+        trust_option, key_command_option, allow_jku_option, insecure_perms_option,
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -105,7 +124,7 @@ def keygen(out: str, alg: str, kid: str | None, force: bool) -> None:
 @reports_errors
 def encrypt(src, dst, keys, format_version, chunk_size, tensors, policy_file, insecure_key_perms) -> None:
     """Encrypt a .safetensors file, or every one in a model directory (other files are copied)."""
-    store = load_keys(keys, insecure_key_perms)
+    store = KeyStore(load_key_paths(keys, check_perms=not insecure_key_perms))
     policy = None
     if policy_file:
         from ctfs.policy.engine import validate_policy
@@ -121,13 +140,11 @@ def encrypt(src, dst, keys, format_version, chunk_size, tensors, policy_file, in
 @main.command()
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
-@keys_option
-@insecure_perms_option
+@key_sources
 @reports_errors
-def decrypt(src, dst, keys, insecure_key_perms) -> None:
+def decrypt(src, dst, chain) -> None:
     """Decrypt a file or a model directory to plain safetensors (writes plaintext weights to disk)."""
-    store = load_keys(keys, insecure_key_perms)
-    _apply(Path(src), Path(dst), "decrypt", lambda s, d, cb: decrypt_file(s, d, store, on_bytes=cb))
+    _apply(Path(src), Path(dst), "decrypt", lambda s, d, cb: decrypt_file(s, d, chain, on_bytes=cb))
 
 
 def _apply(src: Path, dst: Path, verb: str, operation) -> None:
@@ -150,12 +167,14 @@ def _apply(src: Path, dst: Path, verb: str, operation) -> None:
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--keys", "-k", "keys", multiple=True, help="Keys to check the signature with.")
+@trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @insecure_perms_option
 @reports_errors
-def inspect(file, keys, as_json, insecure_key_perms) -> None:
+def inspect(file, keys, trust, as_json, insecure_key_perms) -> None:
     """Describe a file: tensors, encryption, keys, policy, and the signature status when keys are given."""
-    report = _describe(Path(file), load_keys(keys, insecure_key_perms) if keys else None)
+    chain = build_chain(keys, trust, check_perms=not insecure_key_perms) if keys or trust else None
+    report = _describe(Path(file), chain)
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
         return
@@ -170,7 +189,7 @@ def inspect(file, keys, as_json, insecure_key_perms) -> None:
         click.echo(f"  {t['name']}  {t['dtype']}{t['shape']}  {t['bytes']} B  {mark}")
 
 
-def _describe(path: Path, store: KeyStore | None) -> dict:
+def _describe(path: Path, keys: KeySource | None) -> dict:
     fd = os.open(path, os.O_RDONLY)
     try:
         header = read_header(fd, os.fstat(fd).st_size, str(path))
@@ -183,9 +202,9 @@ def _describe(path: Path, store: KeyStore | None) -> dict:
             version=crypto.version, chunk_size=crypto.chunk_size, algorithm=crypto.enc.alg,
             enc_kid=crypto.enc.kid, sign_kid=crypto.sign.kid, policy=crypto.policy_local,
         )
-        if store is not None:
+        if keys is not None:
             try:
-                verify_signature(header, crypto, store, str(path))
+                verify_signature(header, crypto, keys, str(path))
                 report["signature"] = "valid (trusted signer)"
             except CtfsError as exc:
                 report["signature"] = f"INVALID: {exc}"
@@ -203,19 +222,17 @@ def _describe(path: Path, store: KeyStore | None) -> dict:
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True))
-@keys_option
-@insecure_perms_option
+@key_sources
 @reports_errors
-def verify(path, keys, insecure_key_perms) -> None:
+def verify(path, chain) -> None:
     """Check the signature and every tag of a file, or of every safetensors file in a directory."""
-    store = load_keys(keys, insecure_key_perms)
     root = Path(path)
     files = [root / rel for rel in walk_files(root) if is_safetensors(rel)] if root.is_dir() else [root]
     if not files:
         raise CtfsError(f"no {SAFETENSORS_SUFFIX} file under {root}")
     with progress(safetensors_data_bytes(files), "verify") as bar:
         for file in files:
-            with EncryptedFile(file, store) as ef:
+            with EncryptedFile(file, chain) as ef:
                 ef.verify_all(on_bytes=bar.update)
     click.echo(f"verified {len(files)} file(s): signatures and every tag are valid")
 
@@ -227,7 +244,7 @@ def _mount_options(func):
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                      help="TOML file with the mount options; flags given here override it."),
         click.option("--keys", "-k", "keys", multiple=True, help="JWK / JWK Set file or directory (repeatable)."),
-        click.option("--trust", multiple=True, help="Verify keys of trusted signers (default: the public halves of --keys)."),
+        trust_option, key_command_option, allow_jku_option,
         click.option("--cache-size", help="Bytes of decrypted chunks kept in memory, e.g. 512M (default 256M)."),
         click.option("--verify", type=click.Choice(["open", "full"]), default=None,
                      help="full: check every tag at a file's first open (safe for mmap readers)."),
@@ -305,7 +322,7 @@ def umount(mountpoint, config_file, stale, lazy, timeout) -> None:
         return
     if mp.mount_entry(mountpoint) is None:
         raise CtfsError(f"{mountpoint} is not mounted")
-    pid = mp.daemon_pid(mountpoint)
+    pid = mp.ask_daemon_pid(mountpoint, timeout)
     mp.unmount(mountpoint, lazy=lazy)
     if pid is not None and not lazy and not mp.wait_for_exit(pid, timeout):
         raise CtfsError(f"unmounted, but daemon {pid} did not exit within {timeout:g} s")
@@ -315,7 +332,7 @@ def umount(mountpoint, config_file, stale, lazy, timeout) -> None:
 @click.argument("mountpoint")
 @reports_errors
 def reload(mountpoint) -> None:
-    """Make a running mount re-read its keys (same as SIGHUP to its daemon)."""
+    """Make a running mount re-read its keys and operator policy (same as SIGHUP to its daemon)."""
     import signal
 
     from ctfs.daemon.mountpoint import daemon_pid
@@ -324,7 +341,7 @@ def reload(mountpoint) -> None:
     if pid is None:
         raise CtfsError(f"{mountpoint} is not served by a ctfs daemon")
     os.kill(pid, signal.SIGHUP)
-    click.echo(f"asked daemon {pid} to reload its keys")
+    click.echo(f"asked daemon {pid} to reload its keys and policy")
 
 
 # -- policy and audit --------------------------------------------------------------------------------
@@ -377,6 +394,102 @@ def audit(log, only_denied, uid, file_glob, since, as_json) -> None:
         click.echo(json.dumps(rec, ensure_ascii=False) if as_json else format_record(rec))
     if records.malformed:
         click.echo(f"ctfs: warning: skipped {records.malformed} malformed line(s)", err=True)
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(file_okay=False), help="Keep the demo's files here (default: a temp dir).")
+@reports_errors
+def demo(workdir) -> None:
+    """Make a tiny Llama locally, encrypt it, mount it, load it with transformers, compare the logits."""
+    import tempfile
+
+    from ctfs.demo import run_demo
+
+    if workdir:
+        result = run_demo(Path(workdir), click.echo)
+    else:
+        with tempfile.TemporaryDirectory(prefix="ctfs-demo-") as tmp:
+            result = run_demo(Path(tmp), click.echo)
+    click.echo("demo passed" if result.ok else "demo FAILED: the mount did not reproduce the model")
+    sys.exit(0 if result.ok else 1)
+
+
+# -- keys: the keyring, and rotation ----------------------------------------------------------------
+
+keyring_flag = click.option("--keyring", is_flag=True, required=True, expose_value=False,
+                            help="Act on the OS keyring (required: the keyring is the store these commands manage).")
+
+
+@main.group()
+def key() -> None:
+    """Keep keys in the OS keyring: for workstations; servers use files, credentials or --key-command."""
+
+
+@key.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@keyring_flag
+@insecure_perms_option
+@reports_errors
+def key_import(file, insecure_key_perms) -> None:
+    """Store every key of a JWK or JWK Set FILE in the keyring, one entry per kid."""
+    from ctfs.keys.jwk import load_key_file
+    from ctfs.keys.keyring_store import import_keys, usable_backend
+
+    kids = import_keys(usable_backend(), load_key_file(file, check_perms=not insecure_key_perms))
+    click.echo(f"imported {len(kids)} key(s) into the keyring: {', '.join(kids)}")
+
+
+@key.command("list")
+@keyring_flag
+@reports_errors
+def key_list() -> None:
+    """List the keys in the keyring: kid, type and algorithm, never the key."""
+    from ctfs.keys.keyring_store import list_keys, usable_backend
+
+    for kid, stored in list_keys(usable_backend()):
+        if stored is None:
+            click.echo(f"{kid}\t(entry missing)")
+        elif isinstance(stored, EncryptionKey):
+            click.echo(f"{kid}\toct\t{stored.alg}")
+        else:
+            click.echo(f"{kid}\tokp\ted25519\t{'private' if stored.seed else 'public'}")
+
+
+@key.command("delete")
+@click.argument("kid")
+@keyring_flag
+@reports_errors
+def key_delete(kid) -> None:
+    """Remove the key KID from the keyring."""
+    from ctfs.keys.keyring_store import delete_key, usable_backend
+
+    delete_key(usable_backend(), kid)
+    click.echo(f"deleted {kid} from the keyring")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--new-keys", multiple=True, required=True,
+              help="The new master key and signing key (with 'd'): file or directory (repeatable).")
+@key_sources
+@reports_errors
+def rewrap(path, new_keys, chain) -> None:
+    """Rotate keys of a file or model directory in place: data keys re-wrapped, headers re-signed,
+    tensor bytes untouched. Each file is replaced atomically; an interrupted run can be repeated."""
+    from ctfs.rewrap import REWRAPPED, rewrap_path
+
+    new = KeyStore(load_key_paths(new_keys))
+    # Refuse incomplete new keys before touching any file.
+    new.first_encryption_key()
+    new.signing_key()
+    done = []
+
+    def report(file: Path, outcome: str) -> None:
+        done.append(outcome)
+        click.echo(f"{file}: {outcome}")
+
+    rewrap_path(path, chain, new, report)
+    click.echo(f"rewrapped {done.count(REWRAPPED)} of {len(done)} file(s)")
 
 
 if __name__ == "__main__":

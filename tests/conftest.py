@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import struct
 from collections.abc import Callable
@@ -24,6 +25,12 @@ from safetensors.numpy import save_file as save_plain_numpy
 
 from ctfs.keys.jwk import EncryptionKey, SigningKey, parse_jwk
 from ctfs.keys.store import KeyStore
+
+# Tests see only the key sources they set up, here and in every child process: never a developer's
+# keyring, ambient systemd credentials or CRYPTOTENSOR_KEYS.
+os.environ["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"
+for _ambient in ("CRYPTOTENSOR_KEYS", "CREDENTIALS_DIRECTORY"):
+    os.environ.pop(_ambient, None)
 
 ALGS = ("aes256gcm", "aes128gcm", "chacha20poly1305")
 KEY_LENGTHS = {"aes128gcm": 16, "aes256gcm": 32, "chacha20poly1305": 32}

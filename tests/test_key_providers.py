@@ -13,7 +13,6 @@ from pathlib import Path
 import keyring
 import pytest
 from click.testing import CliRunner
-from keyring.backends import fail
 from keyrings.alt.file import PlaintextKeyring
 
 from conftest import Keys, make_keys, seeded_tensors, write_upstream
@@ -46,12 +45,9 @@ print(json.dumps(served[sys.argv[1]]))
 
 
 @pytest.fixture(autouse=True)
-def no_ambient_keys(monkeypatch):
-    """Only the sources a test sets up: no credentials, no CRYPTOTENSOR_KEYS, no keyring."""
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    monkeypatch.delenv("CRYPTOTENSOR_KEYS", raising=False)
+def restore_keyring():
+    """Tests here switch keyring backends; the session's (conftest: the fail backend) comes back after each."""
     previous = keyring.get_keyring()
-    keyring.set_keyring(fail.Keyring())
     yield
     keyring.set_keyring(previous)
 

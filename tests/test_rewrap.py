@@ -14,11 +14,9 @@ from collections import Counter
 from pathlib import Path
 
 import cryptotensors
-import keyring
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from keyring.backends import fail
 
 from conftest import (
     Keys, assert_same_tensors, edit_header, load_upstream, make_keys, seeded_tensors, split_file, write_plain,
@@ -42,17 +40,6 @@ from ctfs.cli import main
 print("ready", flush=True)
 main(sys.argv[1:])
 """
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_keys(monkeypatch):
-    """Only the keys a test names: no credentials, no CRYPTOTENSOR_KEYS, no keyring."""
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    monkeypatch.delenv("CRYPTOTENSOR_KEYS", raising=False)
-    previous = keyring.get_keyring()
-    keyring.set_keyring(fail.Keyring())
-    yield
-    keyring.set_keyring(previous)
 
 
 def key_file(path: Path, keys: Keys) -> str:
@@ -208,10 +195,8 @@ def few_megabytes() -> dict[str, np.ndarray]:
 
 
 def start_rewrap(driver: Path, path: Path, old: str, new: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("CRYPTOTENSOR_KEYS", "CREDENTIALS_DIRECTORY")}
-    env["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"
     proc = subprocess.Popen([sys.executable, str(driver), "rewrap", str(path), "--keys", old, "--new-keys", new],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     assert proc.stdout.readline() == b"ready\n"
     return proc
 

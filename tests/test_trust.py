@@ -6,9 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-import keyring
 import pytest
-from keyring.backends import fail
 
 from conftest import edit_header, edit_json_field, make_keys, seeded_tensors, split_file, write_upstream
 from ctfs.daemon.config import MountConfig
@@ -19,17 +17,6 @@ from ctfs.reader import EncryptedFile
 
 PUBLISHER = make_keys(seed=0)  # kids enc1 / sign1
 MALLORY = make_keys(seed=66)  # the same kids, the attacker's bytes
-
-
-@pytest.fixture(autouse=True)
-def no_ambient_keys(monkeypatch):
-    """Only the sources a test sets up: no credentials, no CRYPTOTENSOR_KEYS, no keyring."""
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    monkeypatch.delenv("CRYPTOTENSOR_KEYS", raising=False)
-    previous = keyring.get_keyring()
-    keyring.set_keyring(fail.Keyring())
-    yield
-    keyring.set_keyring(previous)
 
 
 def write_key_file(path: Path, *jwks: dict, mode: int = 0o600) -> Path:
