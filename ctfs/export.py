@@ -51,10 +51,28 @@ def _stream_monolithic(ef: EncryptedFile, info, out: int, base: int) -> None:
 
 
 def _decrypt_chunked(ef: EncryptedFile, info, out: int, base: int, pool: ThreadPoolExecutor) -> None:
+    """Chunks are decrypted in parallel into one of two batch buffers while the other is written out,
+    so disk writes overlap decryption."""
     size = ef.crypto.ciphers[info.name].chunk_size
     count = -(-info.nbytes // size)
     per_batch = max(1, BATCH_BYTES // size)
-    for first in range(0, count, per_batch):
+    buffers = [memoryview(bytearray(min(per_batch, count) * size)) for _ in range(2)]
+    written = None  # the previous batch: (buffer, bytes, file offset), written while this one decrypts
+
+    for number, first in enumerate(range(0, count, per_batch)):
+        batch = buffers[number % 2]
         indices = range(first, min(count, first + per_batch))
-        plain = pool.map(lambda i: ef.decrypt_chunk(info.name, i), indices)
-        write_all(out, b"".join(plain), base + info.start + first * size)
+        start = info.start + first * size
+        length = min(info.end, start + len(indices) * size) - start
+        jobs = [pool.submit(_decrypt_into, ef, info.name, i, batch[(i - first) * size:]) for i in indices]
+        if written is not None:
+            write_all(out, written[0][:written[1]], written[2])
+        for job in jobs:
+            job.result()
+        written = (batch, length, base + start)
+    if written is not None:
+        write_all(out, written[0][:written[1]], written[2])
+
+
+def _decrypt_into(ef: EncryptedFile, name: str, index: int, out: memoryview) -> None:
+    ef.decrypt_chunk_into(name, index, out[:ef.chunk_size(name, index)])
