@@ -6,11 +6,13 @@ Everything is derived from fixed seeds so a failure reproduces; no binary file i
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
 import struct
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -246,3 +248,25 @@ def flip_file_bit(path: Path, offset: int, bit: int = 0) -> None:
     blob = bytearray(Path(path).read_bytes())
     blob[offset] ^= 1 << bit
     Path(path).write_bytes(bytes(blob))
+
+
+@contextlib.contextmanager
+def parked_thread() -> Iterator[int]:
+    """A thread of this process that waits for the `with` body to end; yields its native thread id
+    (FUSE reports thread ids as pids)."""
+    started, done = threading.Event(), threading.Event()
+    tids: list[int] = []
+
+    def park() -> None:
+        tids.append(threading.get_native_id())
+        started.set()
+        done.wait()
+
+    thread = threading.Thread(target=park)
+    thread.start()
+    started.wait()
+    try:
+        yield tids[0]
+    finally:
+        done.set()
+        thread.join()

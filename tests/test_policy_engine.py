@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import parked_thread
+
 from ctfs.errors import PolicyError
 from ctfs.policy.context import Reader, build_input, cgroup_path, process_info, unit_of_cgroup
 from ctfs.policy.engine import DEFAULT_POLICY, Decision, evaluate, validate_policy
@@ -195,22 +197,8 @@ def test_process_info_of_this_process():
 
 
 def test_process_info_of_a_thread_id_describes_its_process():
-    started, done = threading.Event(), threading.Event()
-    tids = []
-
-    def worker():
-        tids.append(threading.get_native_id())
-        started.set()
-        done.wait()
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    started.wait()
-    try:
-        assert process_info(tids[0])["exe"] == os.path.realpath(sys.executable)
-    finally:
-        done.set()
-        thread.join()
+    with parked_thread() as tid:
+        assert process_info(tid)["exe"] == os.path.realpath(sys.executable)
 
 
 def test_process_info_of_a_dead_pid_is_all_null():

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import parked_thread
+
 from ctfs.errors import PolicyError
 from ctfs.policy import gate as gate_module
 from ctfs.policy.audit import AuditLog
@@ -131,26 +133,12 @@ def test_the_cache_is_per_file_and_per_process_identity(audit_log, audit_path):
 
 def test_another_thread_of_the_same_process_shares_the_cached_decision(audit_log, audit_path):
     gate = PolicyGate(audit=audit_log, clock=FakeClock())
-    started, done = threading.Event(), threading.Event()
-    tids = []
-
-    def worker():
-        tids.append(threading.get_native_id())
-        started.set()
-        done.wait()
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    started.wait()
-    try:
+    with parked_thread() as tid:
         open_file(gate, ME)
-        open_file(gate, Reader(pid=tids[0], uid=ME.uid, gid=ME.gid))
-    finally:
-        done.set()
-        thread.join()
+        open_file(gate, Reader(pid=tid, uid=ME.uid, gid=ME.gid))
     records = audit_lines(audit_path)
     assert [rec["cached"] for rec in records] == [False, True]
-    assert [rec["process"]["pid"] for rec in records] == [ME.pid, tids[0]]
+    assert [rec["process"]["pid"] for rec in records] == [ME.pid, tid]
 
 
 def test_allow_and_deny_are_audited(audit_log, audit_path):
