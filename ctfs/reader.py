@@ -6,12 +6,14 @@ import os
 import threading
 from dataclasses import dataclass
 
+from cryptography.exceptions import InvalidTag
+
 from ctfs.crypto.aead import AEAD, StreamOpener, new_aead, open_into
 from ctfs.crypto.keywrap import WrappedKey, unwrap_dek
 from ctfs.crypto.nonces import chunk_nonce
 from ctfs.crypto.signing import verifies
 from ctfs.errors import FormatError, IntegrityError, UntrustedSigner
-from ctfs.format.encryption import CryptoHeader, TensorCipher, parse_crypto_header
+from ctfs.format.encryption import DEFAULT_CHUNK_SIZE, TAG_SIZE, CryptoHeader, TensorCipher, parse_crypto_header
 from ctfs.format.header import HEADER_PREFIX_SIZE, Header, TensorInfo, parse_header, read_header_size
 from ctfs.format.serialize import signing_bytes
 from ctfs.format.view import ChunkPiece, HeaderPiece, PlainView, StoredPiece, chunk_span, tensor_chunk_count
@@ -42,6 +44,47 @@ def pread_exact(fd: int, length: int, offset: int, source: str) -> bytes:
     if len(data) != length:
         raise FormatError(f"{source}: file shrank while being read")
     return data
+
+
+def pread_exact_into(fd: int, out: memoryview, offset: int, source: str) -> None:
+    """Fill `out` from `offset`, with no intermediate bytes object."""
+    done = 0
+    while done < len(out):
+        n = os.preadv(fd, [out[done:]], offset + done)
+        if n == 0:
+            raise FormatError(f"{source}: file shrank while being read")
+        done += n
+
+
+class _SealedBuffers:
+    """Buffers for a chunk's ciphertext followed by its tag, reused across calls: fresh memory costs a page
+    fault per 4 KiB on first touch, more than decrypting it. Shared, not thread-local, because FUSE worker
+    threads get a new Python thread state (and so new thread-locals) on every callback."""
+
+    KEEP_LIMIT = 16 * 1024 * 1024  # larger (v1 tensors) are allocated for the call only
+    KEEP_COUNT = 16
+    MIN_SIZE = DEFAULT_CHUNK_SIZE + TAG_SIZE  # so that a tail chunk's buffer serves a full one next
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._mutex = threading.Lock()
+
+    def take(self, size: int) -> bytearray:
+        if size <= self.KEEP_LIMIT:
+            with self._mutex:
+                for i, buf in enumerate(self._free):
+                    if len(buf) >= size:
+                        return self._free.pop(i)
+        return bytearray(max(size, self.MIN_SIZE) if size <= self.KEEP_LIMIT else size)
+
+    def give(self, buf: bytearray) -> None:
+        if len(buf) <= self.KEEP_LIMIT:
+            with self._mutex:
+                if len(self._free) < self.KEEP_COUNT:
+                    self._free.append(buf)
+
+
+_sealed_buffers = _SealedBuffers()
 
 
 def read_header(fd: int, size: int, source: str) -> Header:
@@ -126,9 +169,22 @@ class EncryptedFile:
         """Decrypt and authenticate one chunk into `out`, which must be exactly the chunk's size."""
         info, cipher = self.tensor(name)
         start, end = chunk_span(cipher, info, index)
-        what = f"{self.label}: tensor {name!r} chunk {index}"
-        ciphertext = pread_exact(self._fd, end - start, self.header.data_start + start, self.label)
-        open_into(self._aead(name), self._nonce(cipher, index), ciphertext, cipher.tags[index], out, what)
+        length = end - start
+        if len(out) != length:
+            raise ValueError(f"chunk {index} of {name!r} is {length} bytes, the buffer {len(out)}")
+        # The AEAD wants ciphertext and tag contiguous: read the ciphertext in front of room for the tag.
+        buf = _sealed_buffers.take(length + TAG_SIZE)
+        sealed = memoryview(buf)[:length + TAG_SIZE]
+        try:
+            pread_exact_into(self._fd, sealed[:length], self.header.data_start + start, self.label)
+            sealed[length:] = cipher.tags[index]
+            self._aead(name).decrypt_into(self._nonce(cipher, index), sealed, None, out)
+        except InvalidTag:
+            raise IntegrityError(
+                f"{self.label}: tensor {name!r} chunk {index}: authentication tag mismatch (tampered data or wrong key)"
+            ) from None
+        finally:
+            _sealed_buffers.give(buf)
 
     def decrypt_chunk(self, name: str, index: int) -> bytes:
         out = bytearray(self.chunk_size(name, index))

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 from ctfs.errors import CtfsError, FormatError, KeyUnavailable, UntrustedSigner
 from ctfs.format.encryption import parse_crypto_header
-from ctfs.format.view import ChunkPiece, HeaderPiece, PlainView, StoredPiece
+from ctfs.format.view import ChunkPiece, HeaderPiece, PlainView
 from ctfs.keys.store import KeySource
 from ctfs.modeldir import is_safetensors
-from ctfs.reader import EncryptedFile, FileIdentity, PlainFileError, pread_exact, read_header
+from ctfs.reader import EncryptedFile, FileIdentity, PlainFileError, read_header
 
 from ctfs.daemon.chunk_cache import ChunkCache
 
@@ -89,6 +89,8 @@ class ModelSource:
         self._verified: set[FileIdentity] = set()
         self._opened: dict[str, FileIdentity] = {}
         self._mutex = threading.Lock()
+        self._stats_mutex = threading.Lock()
+        self._served_bytes = self._read_requests = self._largest_request = 0
 
     # -- names -----------------------------------------------------------------------------------
     def real_path(self, path: str) -> Path:
@@ -227,26 +229,41 @@ class ModelSource:
     def read_into(self, handle: Handle, buf: int, size: int, offset: int) -> int:
         """Copy plain bytes `[offset, offset+size)` to address `buf`; returns the count (short at EOF)."""
         if handle.served is None:
-            data = os.pread(handle.fd, size, offset)
-            ctypes.memmove(buf, data, len(data))
-            return len(data)
+            count = os.preadv(handle.fd, [(ctypes.c_char * size).from_address(buf)], offset)
+            self._count_served(count)
+            return count
         served = handle.served
         pos = 0
         for piece in served.view.pieces(offset, size):
-            if isinstance(piece, HeaderPiece):
+            if isinstance(piece, ChunkPiece):
+                chunk = self.cache.acquire((served.identity, piece.tensor, piece.index),
+                                           served.chunk_size(piece.tensor, piece.index),
+                                           _filler(served, piece.tensor, piece.index))
+                try:
+                    ctypes.memmove(buf + pos, chunk.address + piece.skip, piece.length)
+                finally:
+                    self.cache.release(chunk, piece.length)
+            elif isinstance(piece, HeaderPiece):
                 ctypes.memmove(buf + pos, served.view.prefix[piece.start:piece.start + piece.length], piece.length)
-            elif isinstance(piece, StoredPiece):
+            else:  # a tensor stored in plaintext
                 ctypes.memmove(buf + pos, served.read_stored(piece.data_offset, piece.length), piece.length)
-            else:
-                chunk = self._chunk(served, piece.tensor, piece.index)
-                src = ctypes.cast(ctypes.c_char_p(chunk), ctypes.c_void_p).value + piece.skip
-                ctypes.memmove(buf + pos, src, piece.length)
             pos += piece.length
+        self._count_served(pos)
         self._read_ahead(handle, offset, pos)
         return pos
 
-    def _chunk(self, served: EncryptedFile, tensor: str, index: int) -> bytes:
-        return self.cache.get((served.identity, tensor, index), lambda: served.decrypt_chunk(tensor, index))
+    def _count_served(self, count: int) -> None:
+        with self._stats_mutex:
+            self._served_bytes += count
+            self._read_requests += 1
+            self._largest_request = max(self._largest_request, count)
+
+    def stats(self) -> dict[str, int]:
+        """Work counters for benchmarks: bytes served to the kernel against bytes decrypted."""
+        with self._stats_mutex:
+            mine = {"served_bytes": self._served_bytes, "read_requests": self._read_requests,
+                    "largest_request": self._largest_request}
+        return {**mine, **self.cache.stats()}
 
     def _read_ahead(self, handle: Handle, offset: int, length: int) -> None:
         """On sequential access, decrypt the chunks after this read before the reader asks for them."""
@@ -265,7 +282,7 @@ class ModelSource:
                 if len(wanted) == self.options.readahead_chunks:
                     break
         self.cache.prefetch(
-            ((served.identity, t, i), _loader(served, t, i)) for t, i in wanted
+            ((served.identity, t, i), served.chunk_size(t, i), _filler(served, t, i)) for t, i in wanted
         )
 
     def release(self, handle: Handle) -> None:
@@ -275,5 +292,5 @@ class ModelSource:
             os.close(handle.fd)
 
 
-def _loader(served: EncryptedFile, tensor: str, index: int) -> Callable[[], bytes]:
-    return lambda: served.decrypt_chunk(tensor, index)
+def _filler(served: EncryptedFile, tensor: str, index: int) -> Callable[[memoryview], None]:
+    return lambda out: served.decrypt_chunk_into(tensor, index, out)

@@ -1,0 +1,163 @@
+"""The chunk cache: single-flight, failures never cached, bounded in bytes, pinned chunks never reused."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from ctfs.daemon.chunk_cache import ChunkCache, buffer_capacity
+from ctfs.errors import IntegrityError
+
+MiB = 1 << 20
+
+
+def filler(value: int, calls: list[int] | None = None, delay: float = 0.0):
+    """A stand-in for decryption: fills the chunk with `value`, counting calls."""
+    def fill(out: memoryview) -> None:
+        if calls is not None:
+            calls.append(value)
+        time.sleep(delay)
+        out[:] = bytes([value]) * len(out)
+    return fill
+
+
+def failing(out: memoryview) -> None:
+    out[:] = b"\xee" * len(out)  # unauthenticated bytes written before the tag check fails
+    raise IntegrityError("authentication tag mismatch")
+
+
+def read(cache: ChunkCache, key, length: int, fill) -> bytes:
+    chunk = cache.acquire(key, length, fill)
+    try:
+        return bytes(chunk.view())
+    finally:
+        cache.release(chunk, length)
+
+
+def test_a_chunk_is_decrypted_once_however_many_readers_want_it_at_once():
+    cache, calls = ChunkCache(64 * MiB), []
+    results: list[bytes] = []
+    threads = [threading.Thread(target=lambda: results.append(read(cache, "k", MiB, filler(7, calls, 0.05))))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [7]
+    assert results == [b"\x07" * MiB] * 8
+    assert cache.stats()["decrypted_bytes"] == MiB
+    cache.close()
+
+
+def test_a_failure_reaches_every_waiter_and_is_never_cached():
+    cache = ChunkCache(64 * MiB)
+    started, joined = threading.Event(), threading.Event()
+
+    def slow_failure(out: memoryview) -> None:
+        started.set()
+        joined.wait(5)
+        time.sleep(0.05)
+        failing(out)
+
+    errors: list[BaseException] = []
+
+    def waiter() -> None:
+        started.wait()
+        joined.set()
+        try:
+            read(cache, "k", MiB, filler(1))
+        except IntegrityError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    with pytest.raises(IntegrityError):
+        read(cache, "k", MiB, slow_failure)
+    t.join()
+    # The waiter either shared the failure or, arriving after it, decrypted afresh: never the bad bytes.
+    assert len(errors) == 1 or cache.stats()["decrypted_bytes"] == MiB
+    assert read(cache, "k", MiB, filler(3)) in (b"\x01" * MiB, b"\x03" * MiB)
+    assert cache.stats()["decrypted_bytes"] <= MiB
+    cache.close()
+
+
+def test_the_cache_stays_within_its_bound():
+    capacity = 8 * MiB
+    cache = ChunkCache(capacity)
+    for i in range(50):
+        chunk = cache.acquire(("f", i), 2 * MiB, filler(i % 256))
+        cache.release(chunk, MiB)  # half served: not a candidate for early reuse
+        assert cache.size <= capacity
+    assert cache.stats()["cache_bytes"] <= capacity
+    cache.close()
+
+
+def test_a_pinned_chunk_is_not_reused_until_released():
+    cache = ChunkCache(4 * MiB)  # room for two 2 MiB chunks
+    pinned = cache.acquire(("f", 0), 2 * MiB, filler(1))
+    for i in range(1, 10):  # pressure: every other chunk is evicted and its buffer reused
+        read(cache, ("f", i), 2 * MiB, filler(i + 1))
+    assert bytes(pinned.view()) == b"\x01" * 2 * MiB
+    cache.release(pinned, 2 * MiB)
+    cache.close()
+
+
+def test_chunks_served_whole_are_reused_before_the_cache_grows():
+    cache = ChunkCache(256 * MiB)
+    for i in range(64):
+        assert read(cache, ("f", i), 2 * MiB, filler(i)) == bytes([i]) * 2 * MiB
+    # A sequential reader needs only a few buffers: served chunks live on in the kernel's page cache.
+    assert cache.size <= 8 * buffer_capacity(2 * MiB)
+    cache.close()
+
+
+def test_read_ahead_skips_chunks_already_served_whole_but_a_reader_gets_them_again():
+    cache, calls = ChunkCache(256 * MiB), []
+    read(cache, ("f", 0), MiB, filler(5, calls))
+    read(cache, ("f", 1), MiB, filler(6, calls))  # its buffer may be chunk 0's
+    cache.prefetch([(("f", 0), MiB, filler(5, calls))])
+    cache.close()  # waits for read-ahead
+    assert calls == [5, 6]
+    cache = ChunkCache(256 * MiB)
+    assert read(cache, ("f", 0), MiB, filler(5)) == b"\x05" * MiB
+    cache.close()
+
+
+def test_a_chunk_larger_than_the_cache_is_served_but_not_kept():
+    cache = ChunkCache(MiB)
+    assert read(cache, "big", 3 * MiB, filler(9)) == b"\x09" * 3 * MiB
+    assert cache.size == 0
+    cache.close()
+
+
+def test_the_source_counts_bytes_served_and_decrypted(tmp_path, keys):
+    """The counters behind the mount's `user.ctfs.stats` xattr: a whole sequential read decrypts each
+    chunk once, and serves exactly the plain file."""
+    import ctypes
+
+    import numpy as np
+
+    from conftest import write_plain
+    from ctfs.daemon.source import ModelSource
+    from ctfs.writer import EncryptOptions, encrypt_file
+
+    rng = np.random.default_rng(1)
+    tensors = {"a": rng.standard_normal(300_000).astype(np.float32), "b": rng.integers(0, 9, 70_001).astype(np.int8)}
+    plain = write_plain(tmp_path / "plain.safetensors", tensors)
+    (tmp_path / "src").mkdir()
+    encrypt_file(plain, tmp_path / "src" / "m.safetensors", keys.enc, keys.sign, EncryptOptions(chunk_size=64 * 1024))
+    source = ModelSource(tmp_path / "src", keys.store, ChunkCache(MiB))
+    handle = source.open("/m.safetensors", None)
+    size = source.getattr("/m.safetensors")["st_size"]
+    out = ctypes.create_string_buffer(size)
+    pos = 0
+    while pos < size:  # 100 KiB requests: chunks straddle requests
+        pos += source.read_into(handle, ctypes.addressof(out) + pos, min(100_000, size - pos), pos)
+    source.release(handle)
+    source.cache.close()
+    assert out.raw == plain.read_bytes()
+    stats = source.stats()
+    assert stats["served_bytes"] == size
+    assert stats["decrypted_bytes"] == sum(t.nbytes for t in tensors.values())
