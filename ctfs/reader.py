@@ -6,9 +6,7 @@ import os
 import threading
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidTag
-
-from ctfs.crypto.aead import AEAD, StreamOpener, new_aead, open_into
+from ctfs.crypto.aead import AEAD, StreamOpener, new_aead, open_, open_sealed_into
 from ctfs.crypto.keywrap import WrappedKey, unwrap_dek
 from ctfs.crypto.nonces import chunk_nonce
 from ctfs.crypto.signing import verifies
@@ -178,11 +176,8 @@ class EncryptedFile:
         try:
             pread_exact_into(self._fd, sealed[:length], self.header.data_start + start, self.label)
             sealed[length:] = cipher.tags[index]
-            self._aead(name).decrypt_into(self._nonce(cipher, index), sealed, None, out)
-        except InvalidTag:
-            raise IntegrityError(
-                f"{self.label}: tensor {name!r} chunk {index}: authentication tag mismatch (tampered data or wrong key)"
-            ) from None
+            open_sealed_into(self._aead(name), self._nonce(cipher, index), sealed, out,
+                             f"{self.label}: tensor {name!r} chunk {index}")
         finally:
             _sealed_buffers.give(buf)
 
@@ -223,8 +218,7 @@ class EncryptedFile:
         """An empty tensor still carries one tag (unless v1 wrote none): check it."""
         cipher = self.crypto.ciphers[name]
         if cipher.tags:
-            open_into(self._aead(name), cipher.iv, b"", cipher.tags[0], memoryview(bytearray()),
-                      f"{self.label}: tensor {name!r}")
+            open_(self._aead(name), cipher.iv, b"", cipher.tags[0], f"{self.label}: tensor {name!r}")
 
     def chunks(self) -> list[tuple[str, int]]:
         """Every (tensor, chunk index) of the file, in data order."""
@@ -239,9 +233,12 @@ class EncryptedFile:
         for info in self.header.by_offset:
             if info.name in self.crypto.ciphers and info.nbytes == 0:
                 self.verify_empty_tensor(info.name)
+        scratch = memoryview(bytearray())  # one buffer for every chunk: the plaintext is only checked
         for name, index in self.chunks():
             size = self.chunk_size(name, index)
-            self.decrypt_chunk_into(name, index, memoryview(bytearray(size)))
+            if len(scratch) < size:
+                scratch = memoryview(bytearray(size))
+            self.decrypt_chunk_into(name, index, scratch[:size])
             if on_bytes:
                 on_bytes(size)
 

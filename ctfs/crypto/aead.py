@@ -29,17 +29,19 @@ def seal(aead: AEAD, nonce: bytes, plaintext: bytes) -> tuple[bytes, bytes]:
     return sealed[:-TAG_SIZE], sealed[-TAG_SIZE:]
 
 
-def open_into(aead: AEAD, nonce: bytes, ciphertext: bytes, tag: bytes, out: memoryview, what: str) -> None:
-    """Decrypt into `out` (len(ciphertext) bytes). On a bad tag raise and leave no plaintext behind."""
+def open_sealed_into(aead: AEAD, nonce: bytes, sealed: memoryview, out: memoryview, what: str) -> None:
+    """Decrypt `sealed` (ciphertext followed by its tag) into `out`, without copying the input.
+    On a bad tag raise IntegrityError; `out` then holds nothing the caller may use."""
     try:
-        aead.decrypt_into(nonce, bytes(ciphertext) + tag, None, out)
+        aead.decrypt_into(nonce, sealed, None, out)
     except InvalidTag:
         raise _tag_mismatch(what) from None
 
 
 def open_(aead: AEAD, nonce: bytes, ciphertext: bytes, tag: bytes, what: str) -> bytes:
+    """Decrypt a small message whose tag is stored apart from it (wrapped keys, empty tensors)."""
     out = bytearray(len(ciphertext))
-    open_into(aead, nonce, ciphertext, tag, memoryview(out), what)
+    open_sealed_into(aead, nonce, memoryview(ciphertext + tag), memoryview(out), what)
     return bytes(out)
 
 
