@@ -187,16 +187,17 @@ class Daemon:
         log.info("unmounted %s", self.mountpoint)
 
 
-def _report_to_parent(message: str) -> None:
-    """Tell the `ctfs mount` that started us (if any) how the start went, once."""
+def _report_to_parent(message: str) -> bool:
+    """Tell the `ctfs mount` that started us (if any) how the start went, once; True if it was told."""
     fd = os.environ.pop(READY_FD_ENV, None)
     if fd is None:
-        return
+        return False
     try:
         os.write(int(fd), (message.replace("\n", " ") + "\n").encode())
         os.close(int(fd))
     except OSError:
-        pass
+        return False
+    return True
 
 
 def setup_logging(level: str) -> None:
@@ -214,8 +215,9 @@ def run_foreground(config: MountConfig) -> None:
         make_undumpable()
         Daemon(config).run()
     except CtfsError as exc:
-        _report_to_parent(f"error: {exc}")
-        raise
+        if not _report_to_parent(f"error: {exc}"):
+            raise
+        raise SystemExit(1) from None  # the `ctfs mount` that started us reports it, once
 
 
 def start_background(argv: list[str], mountpoint: str, log_file: str | None) -> None:
@@ -244,4 +246,7 @@ def start_background(argv: list[str], mountpoint: str, log_file: str | None) -> 
     if mount_entry(mountpoint) is not None and is_stale(mountpoint):
         clean_stale(mountpoint)
     reason = message.removeprefix("error: ") if message else f"daemon exited with status {code}"
+    if log_file:
+        with open(log_file, "a") as log_out:
+            log_out.write(f"ctfs mount: not started: {reason}\n")
     raise CtfsError(reason)

@@ -38,13 +38,18 @@ def mount_entry(mountpoint: str) -> dict[str, str] | None:
     return found  # the last entry wins: it is the one on top
 
 
+# What the kernel answers on a mount whose daemon died: ENOTCONN, or ECONNABORTED for a request that
+# was in flight, or arrived while the connection was being torn down.
+DEAD_MOUNT_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
+
+
 def is_stale(mountpoint: str) -> bool:
-    """A FUSE mount whose daemon died: every access fails with ENOTCONN."""
+    """A FUSE mount whose daemon died: every access fails."""
     try:
         # Not stat(): for a second or so after the daemon died, the kernel answers that from its cache.
         os.statvfs(mountpoint)
     except OSError as exc:
-        return exc.errno == errno.ENOTCONN
+        return exc.errno in DEAD_MOUNT_ERRNOS
     return False
 
 

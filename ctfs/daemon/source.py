@@ -87,6 +87,7 @@ class ModelSource:
         self.gate = gate
         self._headers: dict[str, HeaderFacts] = {}
         self._verified: set[FileIdentity] = set()
+        self._warned_v1: set[FileIdentity] = set()  # the v1 warning is said once per file version
         self._opened: dict[str, FileIdentity] = {}
         self._mutex = threading.Lock()
         self._stats_mutex = threading.Lock()
@@ -216,7 +217,8 @@ class ModelSource:
             if not decision.allowed:
                 raise AccessDenied(f"{path}: denied by policy: {decision.reason}")
         served.unwrap_all()
-        if any(c.chunk_size is None for c in served.crypto.ciphers.values()):
+        monolithic = any(c.chunk_size is None for c in served.crypto.ciphers.values())
+        if monolithic and self._first_sight(self._warned_v1, served.identity):
             log.warning("%s: format v1 tensors are decrypted whole; re-encrypt with format 2 for large tensors", path)
         if self.options.verify_full:
             with self._mutex:
@@ -225,6 +227,13 @@ class ModelSource:
                 served.verify_all()
                 with self._mutex:
                     self._verified.add(served.identity)
+
+    def _first_sight(self, seen: set[FileIdentity], identity: FileIdentity) -> bool:
+        with self._mutex:
+            if identity in seen:
+                return False
+            seen.add(identity)
+            return True
 
     def read_into(self, handle: Handle, buf: int, size: int, offset: int) -> int:
         """Copy plain bytes `[offset, offset+size)` to address `buf`; returns the count (short at EOF)."""
