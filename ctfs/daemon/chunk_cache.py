@@ -90,27 +90,31 @@ class ChunkCache:
     def acquire(self, key: Hashable, length: int, fill: Fill) -> Chunk:
         """The chunk for `key`, pinned: cached, awaited if being decrypted, else decrypted here by `fill`.
         The caller must `release` it."""
-        with self._mutex:
-            chunk = self._entries.get(key)
-            if chunk is not None:
-                self._entries.move_to_end(key)
-                chunk.pins += 1
-                self.hits += 1
-                return chunk
-            flight = self._in_flight.get(key)
-            if flight is None:
-                flight = self._in_flight[key] = _InFlight()
-                owner = True
-                self._served_whole.pop(key, None)  # asked for again: read-ahead may fetch it once more
-            else:
-                flight.waiters += 1
-                owner = False
-        if owner:
-            return self._load(key, flight, length, fill, pin=True)
-        flight.done.wait()
-        if flight.error is not None:
-            raise flight.error
-        return flight.chunk
+        for _ in range(2):
+            with self._mutex:
+                chunk = self._entries.get(key)
+                if chunk is not None:
+                    self._entries.move_to_end(key)
+                    chunk.pins += 1
+                    self.hits += 1
+                    return chunk
+                flight = self._in_flight.get(key)
+                if flight is None:
+                    flight = self._in_flight[key] = _InFlight()
+                    self._served_whole.pop(key, None)  # asked for again: read-ahead may fetch it once more
+                    owner = True
+                else:
+                    flight.waiters += 1
+                    owner = False
+            if owner:
+                return self._load(key, flight, length, fill, pin=True)
+            flight.done.wait()
+            if flight.error is None:
+                return flight.chunk
+            # Another reader's decryption failed. It may have used a file that closed under it (a
+            # read-ahead outliving its handle), so decrypt once with this reader's own file before
+            # failing: a genuine tag failure fails again, here.
+        raise flight.error
 
     def release(self, chunk: Chunk, served: int = 0) -> None:
         """Unpin `chunk`, of which `served` bytes were copied out. A chunk served whole is evicted first:
