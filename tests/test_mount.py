@@ -15,7 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import make_keys
+from conftest import make_keys, seeded_tensors, write_plain
+from ctfs.export import decrypt_file
+from ctfs.writer import EncryptOptions, encrypt_file
 from mounting import (
     CHILD_TIMEOUT, CONSUMERS_SCRIPT, SERVED_CHUNK_SIZE, SERVED_NAMES, call_with_timeout, make_served_dir, mounted,
     requires_fuse, write_key_file,
@@ -106,3 +108,16 @@ def test_processes_and_threads_reading_the_same_and_different_files_at_once_see_
     for reader, (out, err) in zip(readers, outputs):
         assert reader.returncode == 0, err
         assert json.loads(out) == {"digests": want, "errors": []}
+
+
+def test_plaintext_tensors_of_a_partially_encrypted_file_are_served_with_a_warning(tmp_path):
+    keys = make_keys()
+    src = tmp_path / "src"
+    src.mkdir()
+    plain = write_plain(tmp_path / "plain.safetensors", seeded_tensors(0))
+    encrypt_file(plain, src / "partial.safetensors", keys.enc, keys.sign,
+                 EncryptOptions(tensors=[next(iter(seeded_tensors(0)))]))
+    decrypt_file(src / "partial.safetensors", tmp_path / "view", keys.store)
+    with mounted(src, tmp_path / "mnt", "--keys", str(write_key_file(tmp_path / "keys.jwk", keys))) as mount:
+        assert mount.path("partial.safetensors").read_bytes() == (tmp_path / "view").read_bytes()
+        assert "stored in plaintext are not authenticated" in mount.log()

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
@@ -85,6 +86,12 @@ def test_ranges_are_clipped_at_the_end_and_empty_past_it():
     assert VIEW.pieces(VIEW.size, 10) == []
     assert VIEW.pieces(VIEW.size + 5, 10) == []
     assert VIEW.pieces(4, 0) == []
+
+
+def test_a_negative_range_is_refused_rather_than_read_short():
+    for offset, size in ((-5, 10), (0, -1)):
+        with pytest.raises(ValueError):
+            VIEW.pieces(offset, size)
 
 
 def plain_start(piece) -> int:

@@ -87,7 +87,7 @@ class ModelSource:
         self.gate = gate
         self._headers: dict[str, HeaderFacts] = {}
         self._verified: set[FileIdentity] = set()
-        self._warned_v1: set[FileIdentity] = set()  # the v1 warning is said once per file version
+        self._warned: set[FileIdentity] = set()  # format warnings are said once per file version
         self._opened: dict[str, FileIdentity] = {}
         self._mutex = threading.Lock()
         self._stats_mutex = threading.Lock()
@@ -217,9 +217,8 @@ class ModelSource:
             if not decision.allowed:
                 raise AccessDenied(f"{path}: denied by policy: {decision.reason}")
         served.unwrap_all()
-        monolithic = any(c.chunk_size is None for c in served.crypto.ciphers.values())
-        if monolithic and self._first_sight(self._warned_v1, served.identity):
-            log.warning("%s: format v1 tensors are decrypted whole; re-encrypt with format 2 for large tensors", path)
+        if self._first_sight(self._warned, served.identity):
+            _warn_about_format(path, served)
         if self.options.verify_full:
             with self._mutex:
                 known = served.identity in self._verified
@@ -299,6 +298,16 @@ class ModelSource:
             handle.served.close()
         elif handle.fd >= 0:
             os.close(handle.fd)
+
+
+def _warn_about_format(path: str, served: EncryptedFile) -> None:
+    ciphers = served.crypto.ciphers
+    if any(c.chunk_size is None for c in ciphers.values()):
+        log.warning("%s: format v1 tensors are decrypted whole; re-encrypt with format 2 for large tensors", path)
+    plain = [t.name for t in served.header.tensors if t.name not in ciphers and t.nbytes]
+    if plain:
+        # The signature covers their header entries but not their bytes (FORMAT.md §13 W2).
+        log.warning("%s: %d tensor(s) stored in plaintext are not authenticated (e.g. %r)", path, len(plain), plain[0])
 
 
 def _filler(served: EncryptedFile, tensor: str, index: int) -> Callable[[memoryview], None]:

@@ -75,7 +75,10 @@ class PlainView:
         self._starts = [t.start for t in self._tensors]
 
     def pieces(self, offset: int, size: int) -> list[Piece]:
-        """The pieces, in order, whose bytes concatenated are plain file bytes `[offset, offset+size)`."""
+        """The pieces, in order, whose bytes concatenated are plain file bytes `[offset, offset+size)`;
+        a range past the end is cut short, as a read at end of file is."""
+        if offset < 0 or size < 0:
+            raise ValueError(f"negative range: offset {offset}, size {size}")
         end = min(offset + size, self.size)
         pieces: list[Piece] = []
         if offset < len(self.prefix) and offset < end:
