@@ -108,7 +108,7 @@ class Daemon:
 
     def _on_init(self) -> None:
         # Called by libfuse from inside the mount: readiness is announced from another thread once a
-        # stat through the kernel round-trips, i.e. once the mount really serves.
+        # question through the kernel reaches this daemon and comes back, i.e. once the mount serves.
         threading.Thread(target=self._announce_ready, name="ctfs-ready", daemon=True).start()
 
     def _announce_ready(self) -> None:

@@ -88,7 +88,7 @@ def watchdog_timeout() -> float | None:
 class Watchdog:
     """Pings WATCHDOG=1 at half the timeout from a daemon thread while `healthy()` says so.
 
-    `healthy` is the liveness test (e.g. "a stat of the mount answers"). It may block: a check
+    `healthy` is the liveness test (e.g. "the daemon answers through its mount"). It may block: a check
     stuck on a hung mount sends no ping, which is exactly how systemd learns to restart us. An
     exception from it counts as unhealthy. Without a watchdog configured, start() does nothing.
     """
