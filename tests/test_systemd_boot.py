@@ -43,9 +43,10 @@ HOST_AFFECTING_UNITS = (
 # itself, systemd 252 sees the host's cgroup v1 controllers in use, picks the hybrid layout and makes
 # its cgroups at the roots of the host's v1 hierarchies. Mounts are shared within the container, as
 # systemd expects of one: it moves credential mounts into place from a helper namespace.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 INNER_SCRIPT = r"""
 set -eu
-work=$1; shift
+work=$1 project=$2; shift 2
 mount --make-rprivate /
 # This namespace's copies of the host's FUSE mounts would keep those alive, and their daemons running,
 # after their owners unmount them.
@@ -76,6 +77,11 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts "$root/dev/pts"
 ln -s pts/ptmx "$root/dev/ptmx"
 mount -t tmpfs -o mode=0755 tmpfs "$root/run"
 mount -t tmpfs tmpfs "$root/tmp"
+# ctfs runs from this checkout (its venv, an editable install): seen at the same path inside wherever
+# the checkout lies, /tmp included, read-only.
+mkdir -p "$root$project"
+mount --bind "$project" "$root$project"
+mount -o remount,bind,ro "$root$project"
 for unit in "$@"; do
     ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
@@ -201,7 +207,7 @@ def booted(tmp_path: Path) -> Iterator[Booted]:
     with open(output, "wb") as out:
         launcher = subprocess.Popen(
             ["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec unshare --pid --mount --cgroup --fork "$@"',
-             "sh", "sh", str(script), str(work), *host_enabled_units(), *HOST_AFFECTING_UNITS],
+             "sh", "sh", str(script), str(work), str(PROJECT_ROOT), *host_enabled_units(), *HOST_AFFECTING_UNITS],
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )
     init_pid = None
