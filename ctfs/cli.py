@@ -21,7 +21,8 @@ from ctfs.keys.chain import build_chain
 from ctfs.keys.files import load_key_paths
 from ctfs.keys.jwk import EncryptionKey, SigningKey, to_reference_jwk
 from ctfs.keys.store import KeySource, KeyStore
-from ctfs.modeldir import SAFETENSORS_SUFFIX, is_safetensors, safetensors_data_bytes, transform_tree, walk_files
+from ctfs.modeldir import (SAFETENSORS_SUFFIX, check_distinct, is_safetensors, safetensors_data_bytes, transform_tree,
+                           walk_files)
 from ctfs.crypto.signing import public_key_of
 from ctfs.reader import EncryptedFile, read_header, verify_signature
 from ctfs.writer import EncryptOptions, encrypt_file
@@ -154,11 +155,9 @@ def _apply(src: Path, dst: Path, verb: str, operation) -> None:
             done = transform_tree(src, dst, lambda s, d: operation(s, d, bar.update))
         click.echo(f"{verb}ed {len(done)} safetensors file(s) from {src} into {dst}")
     else:
-        from ctfs.modeldir import check_distinct
-
-        check_distinct(src, dst)
         if dst.is_dir():
             dst = dst / src.name
+        check_distinct(src, dst)
         with progress(src.stat().st_size, verb) as bar:
             operation(src, dst, bar.update)
         click.echo(f"{verb}ed {src} into {dst}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import secrets
 import subprocess
 import sys
@@ -132,6 +133,7 @@ def run_demo(workdir: Path, echo: Callable[[str], None] = print) -> DemoResult:
     key_file = workdir / "demo-keys.jwk"
     enc_key, sign_key = write_demo_keys(key_file)
     options = EncryptOptions(version="2", chunk_size=DEMO_CHUNK_SIZE)
+    shutil.rmtree(encrypted, ignore_errors=True)  # the demo's own output from an earlier run in this workdir
     shards = transform_tree(plain, encrypted, lambda s, d: encrypt_file(s, d, enc_key, sign_key, options))
     echo(f"model      tiny Llama, {sum(p.numel() for p in original.parameters()):,} parameters, "
          f"{len(shards)} shards + index, made in {plain}")

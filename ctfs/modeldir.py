@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -43,19 +44,33 @@ def copy_file(src: Path, dst: Path) -> None:
 def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Path], None]) -> list[Path]:
     """`transform(src_file, dst_file)` every safetensors file; copy the rest unchanged.
 
-    Returns the safetensors files handled, relative to `src`.
+    The tree is built in a hidden sibling of `dst` and renamed into place once complete, so a failure
+    leaves no partial output; `dst` must not exist yet, or be an empty directory. Returns the
+    safetensors files handled, relative to `src`.
     """
     check_distinct(src, dst)
     if not src.is_dir():
         raise CtfsError(f"{src} is not a directory")
-    done = []
-    for rel in walk_files(src):
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        if is_safetensors(rel):
-            transform(src / rel, dst / rel)
-            done.append(rel)
-        else:
-            copy_file(src / rel, dst / rel)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CtfsError(f"destination {dst} exists and is not an empty directory")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".ctfs-tmp"))
+    try:
+        done = []
+        for rel in walk_files(src):
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            if is_safetensors(rel):
+                transform(src / rel, staging / rel)
+                done.append(rel)
+            else:
+                copy_file(src / rel, staging / rel)
+        staging.chmod(0o755)
+        if dst.exists():
+            dst.rmdir()
+        staging.rename(dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return done
 
 
