@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from ctfs.atomic import atomic_output, write_all
+from ctfs.atomic import atomic_output, write_all, write_all_vectored
 from ctfs.crypto.aead import StreamSealer, new_aead
 from ctfs.crypto.keywrap import new_dek, wrap_dek
 from ctfs.crypto.nonces import chunk_nonce, fresh_base_iv
@@ -75,11 +75,30 @@ def _plan(info: TensorInfo, enc_key: EncryptionKey, chunk_size: int | None) -> _
 
 
 class _Encryptor:
+    """Streams one source file's tensors into the output: encrypted blocks are written by a writer
+    thread while the next block is read and encrypted, at most one write outstanding."""
+
     def __init__(self, src_fd: int, out_fd: int, src_data_start: int, out_data_start: int,
                  alg: str, pool: ThreadPoolExecutor, on_bytes: ProgressFn | None, label: str):
         self.src_fd, self.out_fd = src_fd, out_fd
         self.src_data_start, self.out_data_start = src_data_start, out_data_start
         self.alg, self.pool, self.on_bytes, self.label = alg, pool, on_bytes, label
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ctfs-writer")
+        self._pending: Future | None = None
+
+    def _write_later(self, buffers: list, offset: int) -> None:
+        """Queue a write of `buffers` (not to be modified until the next call or `finish`)."""
+        if self._pending is not None:
+            self._pending.result()
+        self._pending = self._writer.submit(write_all_vectored, self.out_fd, buffers, offset)
+
+    def finish(self) -> None:
+        """Wait for the last write; a failed write raises here."""
+        try:
+            if self._pending is not None:
+                self._pending.result()
+        finally:
+            self._writer.shutdown(wait=True)
 
     def _blocks(self, src: TensorInfo, block: int):
         """(offset within tensor, bytes) of the source tensor, `block` bytes at a time."""
@@ -92,35 +111,53 @@ class _Encryptor:
 
     def copy(self, src: TensorInfo, dst: TensorInfo) -> None:
         for rel, data in self._blocks(src, BLOCK_SIZE):
-            write_all(self.out_fd, data, self.out_data_start + dst.start + rel)
+            self._write_later([data], self.out_data_start + dst.start + rel)
 
     def encrypt_chunked(self, src: TensorInfo, dst: TensorInfo, plan: _TensorPlan) -> tuple[bytes, ...]:
         aead, cipher = new_aead(self.alg, plan.dek), plan.cipher
         size = cipher.chunk_size
         if src.nbytes == 0:
             return (aead.encrypt(cipher.iv, b"", None),)
+        if size < PARALLEL_MIN_CHUNK:
+            return self._encrypt_small_chunks(src, dst, aead, cipher)
+        # Each chunk is sealed (ciphertext then tag) into its own slot of a staging buffer; the write
+        # gathers the ciphertexts, so nothing is copied. Two buffers: one filling, one being written.
+        stride = size + TAG_SIZE
+        per_block = max(1, BLOCK_SIZE // size)
+        staging = [memoryview(bytearray(min(per_block, -(-src.nbytes // size)) * stride)) for _ in range(2)]
+        tags: list[bytes] = []
+        for number, (rel, data) in enumerate(self._blocks(src, per_block * size)):
+            buf, view, first = staging[number % 2], memoryview(data), rel // size
+            lengths = [min(size, len(data) - off) for off in range(0, len(data), size)]
 
-        def seal_chunk(job: tuple[int, memoryview]) -> bytes:
-            index, chunk = job
-            return aead.encrypt(chunk_nonce(cipher.iv, index), chunk, None)
+            def seal(i: int) -> None:
+                plain = view[i * size:i * size + lengths[i]]
+                aead.encrypt_into(chunk_nonce(cipher.iv, first + i), plain, None,
+                                  buf[i * stride:i * stride + lengths[i] + TAG_SIZE])
 
-        tags = []
-        block = max(size, BLOCK_SIZE // size * size)
-        for rel, data in self._blocks(src, block):
-            view = memoryview(data)
-            jobs = [(rel // size + i, view[off:off + size]) for i, off in enumerate(range(0, len(data), size))]
-            sealed = self.pool.map(seal_chunk, jobs) if size >= PARALLEL_MIN_CHUNK else map(seal_chunk, jobs)
-            out = bytearray()
-            for item in sealed:
-                out += memoryview(item)[:-TAG_SIZE]
-                tags.append(item[-TAG_SIZE:])
-            write_all(self.out_fd, out, self.out_data_start + dst.start + rel)
+            for _ in self.pool.map(seal, range(len(lengths))):
+                pass
+            tags += [bytes(buf[i * stride + n:i * stride + n + TAG_SIZE]) for i, n in enumerate(lengths)]
+            self._write_later([buf[i * stride:i * stride + n] for i, n in enumerate(lengths)],
+                              self.out_data_start + dst.start + rel)
+        return tuple(tags)
+
+    def _encrypt_small_chunks(self, src: TensorInfo, dst: TensorInfo, aead, cipher) -> tuple[bytes, ...]:
+        """Chunks too small to be worth a thread each, or an iovec each."""
+        size, tags = cipher.chunk_size, []
+        for rel, data in self._blocks(src, max(size, BLOCK_SIZE // size * size)):
+            view, out = memoryview(data), bytearray()
+            for off in range(0, len(data), size):
+                sealed = aead.encrypt(chunk_nonce(cipher.iv, (rel + off) // size), view[off:off + size], None)
+                out += memoryview(sealed)[:-TAG_SIZE]
+                tags.append(sealed[-TAG_SIZE:])
+            self._write_later([out], self.out_data_start + dst.start + rel)
         return tuple(tags)
 
     def encrypt_monolithic(self, src: TensorInfo, dst: TensorInfo, plan: _TensorPlan) -> tuple[bytes, ...]:
         sealer = StreamSealer(self.alg, plan.dek, plan.cipher.iv)
         for rel, data in self._blocks(src, BLOCK_SIZE):
-            write_all(self.out_fd, sealer.update(data), self.out_data_start + dst.start + rel)
+            self._write_later([sealer.update(data)], self.out_data_start + dst.start + rel)
         return (sealer.finalize(),)
 
 
@@ -171,14 +208,17 @@ def _encrypt(src_fd, header, dst, enc_key, sign_key, options, on_bytes, label, m
     with atomic_output(dst, mode) as out_fd, ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         enc = _Encryptor(src_fd, out_fd, header.data_start, prefix_len, enc_key.alg, pool, on_bytes, label)
         tags = {}
-        for info in layout:
-            plan = plans.get(info.name)
-            if plan is None:
-                enc.copy(source[info.name], info)
-            elif chunk_size is None:
-                tags[info.name] = enc.encrypt_monolithic(source[info.name], info, plan)
-            else:
-                tags[info.name] = enc.encrypt_chunked(source[info.name], info, plan)
+        try:
+            for info in layout:
+                plan = plans.get(info.name)
+                if plan is None:
+                    enc.copy(source[info.name], info)
+                elif chunk_size is None:
+                    tags[info.name] = enc.encrypt_monolithic(source[info.name], info, plan)
+                else:
+                    tags[info.name] = enc.encrypt_chunked(source[info.name], info, plan)
+        finally:
+            enc.finish()
         crypto = replace(crypto, ciphers={n: replace(p.cipher, tags=tags[n]) for n, p in plans.items()})
         metadata = {**user_metadata(header), **encode_crypto_metadata(crypto)}
         prefix = file_prefix(signed_header(metadata, layout, sign_key))
