@@ -329,14 +329,15 @@ def umount(mountpoint, config_file, stale, lazy, timeout) -> None:
 
 @main.command()
 @click.argument("mountpoint")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the daemon to answer.")
 @reports_errors
-def reload(mountpoint) -> None:
+def reload(mountpoint, timeout) -> None:
     """Make a running mount re-read its keys and operator policy (same as SIGHUP to its daemon)."""
     import signal
 
-    from ctfs.daemon.mountpoint import daemon_pid
+    from ctfs.daemon.mountpoint import ask_daemon_pid
 
-    pid = daemon_pid(mountpoint)
+    pid = ask_daemon_pid(mountpoint, timeout)
     if pid is None:
         raise CtfsError(f"{mountpoint} is not served by a ctfs daemon")
     os.kill(pid, signal.SIGHUP)

@@ -114,14 +114,6 @@ def test_a_zero_ttl_disables_the_cache(audit_log, audit_path):
     assert [rec["cached"] for rec in audit_lines(audit_path)] == [False, False]
 
 
-def test_invalidate_forgets_cached_decisions(audit_log, audit_path):
-    gate = PolicyGate(audit=audit_log, clock=FakeClock())
-    open_file(gate)
-    gate.invalidate()
-    open_file(gate)
-    assert [rec["cached"] for rec in audit_lines(audit_path)] == [False, False]
-
-
 def test_the_cache_is_per_file_and_per_process_identity(audit_log, audit_path):
     gate = PolicyGate(operator_policy=ONLY_ME, audit=audit_log, clock=FakeClock())
     assert open_file(gate, ME).allowed

@@ -64,11 +64,6 @@ class PolicyGate:
             self._remember(key, decision)
         return self._audited(decision, input_doc, key_ids, cached)
 
-    def invalidate(self) -> None:
-        """Forget every cached decision (keys or policies changed)."""
-        with self._lock:
-            self._decisions.clear()
-
     def _modules(self, embedded_policy: str | None) -> list[tuple[str, str]]:
         modules = [("embedded", embedded_policy if embedded_policy is not None else DEFAULT_POLICY)]
         if self._operator_policy is not None:
