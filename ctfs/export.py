@@ -29,25 +29,25 @@ def decrypt_file(
         for info in ef.header.by_offset:
             cipher = ef.crypto.ciphers.get(info.name)
             if cipher is None:
-                for rel in range(0, info.nbytes, STREAM_BLOCK):
-                    data = ef.read_stored(info.start + rel, min(STREAM_BLOCK, info.nbytes - rel))
-                    write_all(out, data, base + info.start + rel)
+                _stream_tensor(ef, info, out, base)
             elif info.nbytes == 0:
                 ef.verify_empty_tensor(info.name)
             elif cipher.chunk_size is None:
-                _stream_monolithic(ef, info, out, base)
+                opener = ef.open_tensor_stream(info.name)
+                _stream_tensor(ef, info, out, base, opener.update)
+                opener.finalize()  # raises on a bad tag: the temp file, plaintext and all, is removed
             else:
                 _decrypt_chunked(ef, info, out, base, pool)
             if on_bytes:
                 on_bytes(info.nbytes)
 
 
-def _stream_monolithic(ef: EncryptedFile, info, out: int, base: int) -> None:
-    opener = ef.open_tensor_stream(info.name)
+def _stream_tensor(ef: EncryptedFile, info, out: int, base: int,
+                   transform: Callable[[bytes], bytes] = bytes) -> None:
+    """Copy a tensor's stored bytes through `transform` (a stream decryptor, or none), block by block."""
     for rel in range(0, info.nbytes, STREAM_BLOCK):
         data = ef.read_stored(info.start + rel, min(STREAM_BLOCK, info.nbytes - rel))
-        write_all(out, opener.update(data), base + info.start + rel)
-    opener.finalize()
+        write_all(out, transform(data), base + info.start + rel)
 
 
 def _decrypt_chunked(ef: EncryptedFile, info, out: int, base: int, pool: ThreadPoolExecutor) -> None:
