@@ -61,7 +61,9 @@ class SourceOptions:
     allow_plain: bool = False
     hide_denied: bool = False
     verify_full: bool = False
-    readahead_chunks: int = 2
+    # Chunks decrypted ahead of a sequential reader. Four kept a cold 1 MiB-read loop about 7% faster
+    # than two on 2 cores (paired runs); the bound against evicting itself is in _read_ahead.
+    readahead_chunks: int = 4
 
 
 @dataclass
