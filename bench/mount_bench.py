@@ -10,6 +10,8 @@ model in BF16 shards), encrypts both with `ctfs encrypt` (format 2), and measure
   `drop_caches` and on a fresh mount, against gocryptfs (its default settings) reading the same bytes the
   same way;
 - a warm re-read through the mount against the plaintext file read from the page cache;
+- the ceiling: the same reads through bench/null_fuse.py, a FUSE daemon with the mount's settings that serves
+  memory (no disk, no decryption), and AES-256-GCM decryption on one core;
 - `safetensors.numpy.load_file` through the cold mount against the plaintext file from the page cache,
   and against the reference library's in-process load of the encrypted file (ciphertext in page cache);
 - decrypted / served bytes during a transformers load of the sharded model through a cold mount
@@ -40,6 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ctfs.daemon.lifecycle import READ_AHEAD_KB
+from ctfs.daemon.mountpoint import raise_readahead
 
 REPO = Path(__file__).resolve().parent.parent
 CTFS = [sys.executable, "-m", "ctfs"]
@@ -142,6 +147,20 @@ def load_reference(path: Path, config: dict) -> int:
         for name in f.keys():
             total += f.get_tensor(name).nbytes
     return total
+
+
+def aes_gcm_one_core() -> float:
+    """GB/s of AES-256-GCM decryption of 2 MiB chunks on one core, the daemon's own primitive."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    aead, nonce = AESGCM(os.urandom(32)), os.urandom(12)
+    sealed = aead.encrypt(nonce, os.urandom(2 * MiB), None)
+    out = bytearray(2 * MiB)
+    rounds = 256
+    start = time.perf_counter()
+    for _ in range(rounds):
+        aead.decrypt_into(nonce, sealed, None, out)
+    return rounds * 2 * MiB / (time.perf_counter() - start) / GB
 
 
 def warm(path: Path) -> None:
@@ -260,6 +279,26 @@ class Mounts:
         finally:
             fusermount(mountpoint)
             self.active.remove(mountpoint)
+
+    @contextlib.contextmanager
+    def null(self, mountpoint: Path, size: int) -> Iterator[Path]:
+        """bench/null_fuse.py mounted at `mountpoint`; yields the path of its file of `size` bytes."""
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        daemon = subprocess.Popen([sys.executable, str(REPO / "bench" / "null_fuse.py"), str(mountpoint), str(size)],
+                                  cwd=REPO, stderr=subprocess.DEVNULL)
+        self.active.append(mountpoint)
+        try:
+            deadline = time.monotonic() + 30
+            while not os.path.ismount(mountpoint):
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("bench/null_fuse.py did not mount")
+                time.sleep(0.05)
+            raise_readahead(str(mountpoint), READ_AHEAD_KB)  # as ctfs mount does
+            yield mountpoint / "null"
+        finally:
+            fusermount(mountpoint)
+            self.active.remove(mountpoint)
+            daemon.wait(timeout=30)
 
     def cleanup(self) -> None:
         for mountpoint in reversed(self.active):
@@ -422,18 +461,32 @@ def measure(args: argparse.Namespace, work: Path, data: dict, mounts: Mounts) ->
         figures["gocryptfs_dd"] = median_rate(cold_gocryptfs(read_sequential))
         figures["gocryptfs_mmap"] = median_rate(cold_gocryptfs(read_mmap))
 
-    log("warm re-reads: the mount's page cache against the plaintext file's")
-    warm_runs, plain_runs = [], []
-    with mounts.ctfs(data["enc_dir"], mnt):
-        warm(served_name)
-        warm(plain)
-        for _ in range(max(repeat, 3)):  # interleaved, so both see the same machine
-            seconds, n = timed(lambda: read_sequential(served_name))
-            warm_runs.append(n / seconds / GB)
-            seconds, n = timed(lambda: read_sequential(plain))
-            plain_runs.append(n / seconds / GB)
-    figures["ctfs_warm"] = statistics.median(warm_runs)
-    figures["plain_warm"] = statistics.median(plain_runs)
+    # The ceiling: the same kernel and libfuse path with no disk and no decryption behind it.
+    log("cold sequential reads through a null FUSE daemon (bench/null_fuse.py)")
+    nmnt = work / "mnt-null"
+    size = plain.stat().st_size
+
+    def cold_null(reader: Callable[[Path], int]) -> Callable[[], tuple[float, int]]:
+        def once() -> tuple[float, int]:
+            drop_caches()
+            with mounts.null(nmnt, size) as path:
+                return timed(lambda: reader(path))
+        return once
+    figures["null_dd"] = median_rate(cold_null(read_sequential))
+    figures["null_mmap"] = median_rate(cold_null(read_mmap))
+    figures["aes_one_core"] = aes_gcm_one_core()
+
+    log("warm re-reads: the mount's page cache against the plaintext file's and the null daemon's")
+    runs: dict[str, list[float]] = {"ctfs_warm": [], "plain_warm": [], "null_warm": []}
+    with mounts.ctfs(data["enc_dir"], mnt), mounts.null(nmnt, size) as null_file:
+        files = {"ctfs_warm": served_name, "plain_warm": plain, "null_warm": null_file}
+        for path in files.values():
+            warm(path)
+        for _ in range(max(repeat, 3)):  # interleaved, so all see the same machine
+            for name, path in files.items():
+                seconds, n = timed(lambda: read_sequential(path))
+                runs[name].append(n / seconds / GB)
+    figures.update({name: statistics.median(rates) for name, rates in runs.items()})
 
     log("safetensors.numpy.load_file: cold mount, plaintext from page cache, reference in-process load")
     figures["ctfs_load"] = median_rate(cold_mount_read(load_file_numpy))
@@ -496,13 +549,22 @@ def measure(args: argparse.Namespace, work: Path, data: dict, mounts: Mounts) ->
     limit = args.cache_size + RSS_ALLOWANCE
     rows.append(Row(f"daemon peak RSS, all mounts (cache {human(args.cache_size)})", human(mounts.peak_rss),
                     f"<= {human(limit)}", mounts.peak_rss <= limit))
-    rows.append(Row("context: CPU seconds per GiB, cold 1 MiB reads (daemon + reader)",
-                    f"{figures['cpu_per_gib']:.2f}"))
-    rows.append(Row("context: CPUs kept busy by other processes, before / after the run",
-                    f"{figures['other_load']:.1f} / {figures['other_load_after']:.1f} of {os.cpu_count()}"))
-    rows.append(Row("context: plaintext file cold from disk, GB/s", f"{figures['disk_dd']:.2f}"))
-    rows.append(Row("context: transformers load, cold mount / plaintext page cache, s",
-                    f"{figures['ctfs_model_load']:.2f} / {figures['plain_model_load']:.2f}"))
+    context = [
+        ("ceiling: null FUSE daemon (no disk, no crypto), cold 1 MiB reads / mmap, GB/s",
+         f"{figures['null_dd']:.2f} / {figures['null_mmap']:.2f}"),
+        ("ceiling: ctfs cold 1 MiB reads / mmap, share of the null daemon's",
+         f"{figures['ctfs_dd'] / figures['null_dd']:.2f}x / {figures['ctfs_mmap'] / figures['null_mmap']:.2f}x"),
+        ("ceiling: null FUSE daemon warm re-read vs plaintext page cache",
+         f"{figures['null_warm'] / figures['plain_warm']:.2f}x"),
+        ("context: AES-256-GCM decryption of 2 MiB chunks on one core, GB/s", f"{figures['aes_one_core']:.2f}"),
+        ("context: CPU seconds per GiB, cold 1 MiB reads (daemon + reader)", f"{figures['cpu_per_gib']:.2f}"),
+        ("context: CPUs kept busy by other processes, before / after the run",
+         f"{figures['other_load']:.1f} / {figures['other_load_after']:.1f} of {os.cpu_count()}"),
+        ("context: plaintext file cold from disk, GB/s", f"{figures['disk_dd']:.2f}"),
+        ("context: transformers load, cold mount / plaintext page cache, s",
+         f"{figures['ctfs_model_load']:.2f} / {figures['plain_model_load']:.2f}"),
+    ]
+    rows.extend(Row(name, value) for name, value in context)
     if figures.get("largest_request"):
         rows.append(Row("context: largest read request the daemon received", human(figures["largest_request"])))
     if skipped:
