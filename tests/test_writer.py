@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,24 @@ def test_tensors_larger_than_the_io_block_stream_correctly(tmp_path, alg_keys, m
     path = encrypt(tmp_path, tensors, alg_keys, version=version, chunk_size=chunk_size)
     assert_same_tensors(load_upstream(path, alg_keys), tensors)
     decrypt_file(path, tmp_path / "plain", alg_keys.store)
+    assert_same_tensors(load_file(tmp_path / "plain"), tensors)
+
+
+def test_decrypt_pipelines_batches_across_encrypted_and_plaintext_tensors(tmp_path, keys, monkeypatch):
+    """A batch still being written when the next tensor starts must be neither lost nor overwritten,
+    whether the next tensor decrypts into the other buffer or is copied as stored plaintext."""
+    monkeypatch.setattr(ctfs.export, "BATCH_BYTES", 30)
+    write_all = ctfs.export.write_all
+
+    def slow_write(*args):  # as on a slow disk: the next batch finishes decrypting before this write starts
+        time.sleep(0.005)
+        write_all(*args)
+    monkeypatch.setattr(ctfs.export, "write_all", slow_write)
+    rng = np.random.default_rng(5)
+    tensors = {name: rng.integers(0, 255, size, dtype=np.uint8)
+               for name, size in [("a", 301), ("b", 95), ("c", 64), ("d", 7), ("e", 250)]}
+    path = encrypt(tmp_path, tensors, keys, tensors=["a", "c", "d", "e"], chunk_size=7)
+    decrypt_file(path, tmp_path / "plain", keys.store)
     assert_same_tensors(load_file(tmp_path / "plain"), tensors)
 
 
