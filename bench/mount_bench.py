@@ -281,10 +281,10 @@ class Mounts:
             self.active.remove(mountpoint)
 
     @contextlib.contextmanager
-    def null(self, mountpoint: Path, size: int) -> Iterator[Path]:
-        """bench/null_fuse.py mounted at `mountpoint`; yields the path of its file of `size` bytes."""
+    def null(self, mountpoint: Path, source: Path) -> Iterator[Path]:
+        """bench/null_fuse.py serving a copy of `source` at `mountpoint`; yields the served path."""
         mountpoint.mkdir(parents=True, exist_ok=True)
-        daemon = subprocess.Popen([sys.executable, str(REPO / "bench" / "null_fuse.py"), str(mountpoint), str(size)],
+        daemon = subprocess.Popen([sys.executable, str(REPO / "bench" / "null_fuse.py"), str(mountpoint), str(source)],
                                   cwd=REPO, stderr=subprocess.DEVNULL)
         self.active.append(mountpoint)
         try:
@@ -294,7 +294,7 @@ class Mounts:
                     raise RuntimeError("bench/null_fuse.py did not mount")
                 time.sleep(0.05)
             raise_readahead(str(mountpoint), READ_AHEAD_KB)  # as ctfs mount does
-            yield mountpoint / "null"
+            yield mountpoint / source.name
         finally:
             fusermount(mountpoint)
             self.active.remove(mountpoint)
@@ -464,21 +464,21 @@ def measure(args: argparse.Namespace, work: Path, data: dict, mounts: Mounts) ->
     # The ceiling: the same kernel and libfuse path with no disk and no decryption behind it.
     log("cold sequential reads through a null FUSE daemon (bench/null_fuse.py)")
     nmnt = work / "mnt-null"
-    size = plain.stat().st_size
 
     def cold_null(reader: Callable[[Path], int]) -> Callable[[], tuple[float, int]]:
         def once() -> tuple[float, int]:
-            drop_caches()
-            with mounts.null(nmnt, size) as path:
+            with mounts.null(nmnt, plain) as path:
+                drop_caches()  # after the daemon has read its copy, so its own start is not timed
                 return timed(lambda: reader(path))
         return once
     figures["null_dd"] = median_rate(cold_null(read_sequential))
     figures["null_mmap"] = median_rate(cold_null(read_mmap))
+    figures["null_load"] = median_rate(cold_null(load_file_numpy))
     figures["aes_one_core"] = aes_gcm_one_core()
 
     log("warm re-reads: the mount's page cache against the plaintext file's and the null daemon's")
     runs: dict[str, list[float]] = {"ctfs_warm": [], "plain_warm": [], "null_warm": []}
-    with mounts.ctfs(data["enc_dir"], mnt), mounts.null(nmnt, size) as null_file:
+    with mounts.ctfs(data["enc_dir"], mnt), mounts.null(nmnt, plain) as null_file:
         files = {"ctfs_warm": served_name, "plain_warm": plain, "null_warm": null_file}
         for path in files.values():
             warm(path)
@@ -552,6 +552,8 @@ def measure(args: argparse.Namespace, work: Path, data: dict, mounts: Mounts) ->
     context = [
         ("ceiling: null FUSE daemon (no disk, no crypto), cold 1 MiB reads / mmap, GB/s",
          f"{figures['null_dd']:.2f} / {figures['null_mmap']:.2f}"),
+        ("ceiling: null FUSE daemon, load_file cold vs plaintext page cache / vs reference in-process",
+         f"{figures['null_load'] / figures['plain_load']:.2f}x / {figures['null_load'] / figures['reference_load']:.2f}x"),
         ("ceiling: ctfs cold 1 MiB reads / mmap, share of the null daemon's",
          f"{figures['ctfs_dd'] / figures['null_dd']:.2f}x / {figures['ctfs_mmap'] / figures['null_mmap']:.2f}x"),
         ("ceiling: null FUSE daemon warm re-read vs plaintext page cache",
@@ -564,6 +566,9 @@ def measure(args: argparse.Namespace, work: Path, data: dict, mounts: Mounts) ->
         ("context: transformers load, cold mount / plaintext page cache, s",
          f"{figures['ctfs_model_load']:.2f} / {figures['plain_model_load']:.2f}"),
     ]
+    if cipherdir is not None:
+        context.insert(1, ("ceiling: null FUSE daemon, cold 1 MiB reads vs gocryptfs",
+                           f"{figures['null_dd'] / figures['gocryptfs_dd']:.2f}x"))
     rows.extend(Row(name, value) for name, value in context)
     if figures.get("largest_request"):
         rows.append(Row("context: largest read request the daemon received", human(figures["largest_request"])))
