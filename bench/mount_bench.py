@@ -167,6 +167,17 @@ def warm(path: Path) -> None:
     read_sequential(path)
 
 
+def timed_reading(reader: Callable[[Path], int], path: Path, daemon_pid: int, cpu: list[float] | None
+                  ) -> tuple[float, int]:
+    """Time `reader(path)`; with `cpu`, also append the CPU seconds per GiB of the daemon and this process
+    together: unlike GB/s, that hardly depends on what else the machine runs."""
+    before = process_cpu(daemon_pid) + time.process_time()
+    seconds, nbytes = timed(lambda: reader(path))
+    if cpu is not None:
+        cpu.append((process_cpu(daemon_pid) + time.process_time() - before) / (nbytes / (1 << 30)))
+    return seconds, nbytes
+
+
 def timed(fn: Callable[[], int]) -> tuple[float, int]:
     start = time.perf_counter()
     n = fn()
@@ -281,8 +292,9 @@ class Mounts:
             self.active.remove(mountpoint)
 
     @contextlib.contextmanager
-    def null(self, mountpoint: Path, source: Path) -> Iterator[Path]:
-        """bench/null_fuse.py serving a copy of `source` at `mountpoint`; yields the served path."""
+    def null(self, mountpoint: Path, source: Path) -> Iterator[tuple[Path, int]]:
+        """bench/null_fuse.py serving a copy of `source` at `mountpoint`; yields the served path and the
+        daemon's pid."""
         mountpoint.mkdir(parents=True, exist_ok=True)
         daemon = subprocess.Popen([sys.executable, str(REPO / "bench" / "null_fuse.py"), str(mountpoint), str(source)],
                                   cwd=REPO, stderr=subprocess.DEVNULL)
@@ -294,7 +306,7 @@ class Mounts:
                     raise RuntimeError("bench/null_fuse.py did not mount")
                 time.sleep(0.05)
             raise_readahead(str(mountpoint), READ_AHEAD_KB)  # as ctfs mount does
-            yield mountpoint / source.name
+            yield mountpoint / source.name, daemon.pid
         finally:
             fusermount(mountpoint)
             self.active.remove(mountpoint)
@@ -417,19 +429,13 @@ def measure(args: argparse.Namespace, work: Path, data: dict, mounts: Mounts) ->
     def median_rate(measure_once: Callable[[], tuple[float, int]]) -> float:
         return statistics.median(nbytes / seconds / GB for seconds, nbytes in (measure_once() for _ in range(repeat)))
 
-    # Cold: drop the page cache, then a fresh mount for each run. `cpu` collects CPU seconds per GiB of
-    # the daemon and the reader together: unlike GB/s, it hardly depends on what else the machine runs.
+    # Cold: drop the page cache, then a fresh mount for each run.
     def cold_mount_read(reader: Callable[[Path], int], cpu: list[float] | None = None
                         ) -> Callable[[], tuple[float, int]]:
         def once() -> tuple[float, int]:
             drop_caches()
             with mounts.ctfs(data["enc_dir"], mnt):
-                pid = int(os.getxattr(mnt, PID_XATTR))
-                before = process_cpu(pid) + time.process_time()
-                seconds, nbytes = timed(lambda: reader(served_name))
-                if cpu is not None:
-                    cpu.append((process_cpu(pid) + time.process_time() - before) / (nbytes / (1 << 30)))
-                return seconds, nbytes
+                return timed_reading(reader, served_name, int(os.getxattr(mnt, PID_XATTR)), cpu)
         return once
 
     figures["other_load"] = busy_cpus(2.0)
@@ -465,20 +471,23 @@ def measure(args: argparse.Namespace, work: Path, data: dict, mounts: Mounts) ->
     log("cold sequential reads through a null FUSE daemon (bench/null_fuse.py)")
     nmnt = work / "mnt-null"
 
-    def cold_null(reader: Callable[[Path], int]) -> Callable[[], tuple[float, int]]:
+    def cold_null(reader: Callable[[Path], int], cpu: list[float] | None = None
+                  ) -> Callable[[], tuple[float, int]]:
         def once() -> tuple[float, int]:
-            with mounts.null(nmnt, plain) as path:
+            with mounts.null(nmnt, plain) as (path, pid):
                 drop_caches()  # after the daemon has read its copy, so its own start is not timed
-                return timed(lambda: reader(path))
+                return timed_reading(reader, path, pid, cpu)
         return once
-    figures["null_dd"] = median_rate(cold_null(read_sequential))
+    null_cpu_per_gib: list[float] = []
+    figures["null_dd"] = median_rate(cold_null(read_sequential, null_cpu_per_gib))
+    figures["null_cpu_per_gib"] = statistics.median(null_cpu_per_gib)
     figures["null_mmap"] = median_rate(cold_null(read_mmap))
     figures["null_load"] = median_rate(cold_null(load_file_numpy))
     figures["aes_one_core"] = aes_gcm_one_core()
 
     log("warm re-reads: the mount's page cache against the plaintext file's and the null daemon's")
     runs: dict[str, list[float]] = {"ctfs_warm": [], "plain_warm": [], "null_warm": []}
-    with mounts.ctfs(data["enc_dir"], mnt), mounts.null(nmnt, plain) as null_file:
+    with mounts.ctfs(data["enc_dir"], mnt), mounts.null(nmnt, plain) as (null_file, _):
         files = {"ctfs_warm": served_name, "plain_warm": plain, "null_warm": null_file}
         for path in files.values():
             warm(path)
@@ -559,7 +568,8 @@ def measure(args: argparse.Namespace, work: Path, data: dict, mounts: Mounts) ->
         ("ceiling: null FUSE daemon warm re-read vs plaintext page cache",
          f"{figures['null_warm'] / figures['plain_warm']:.2f}x"),
         ("context: AES-256-GCM decryption of 2 MiB chunks on one core, GB/s", f"{figures['aes_one_core']:.2f}"),
-        ("context: CPU seconds per GiB, cold 1 MiB reads (daemon + reader)", f"{figures['cpu_per_gib']:.2f}"),
+        ("context: CPU seconds per GiB, cold 1 MiB reads (daemon + reader), ctfs / null daemon",
+         f"{figures['cpu_per_gib']:.2f} / {figures['null_cpu_per_gib']:.2f}"),
         ("context: CPUs kept busy by other processes, before / after the run",
          f"{figures['other_load']:.1f} / {figures['other_load_after']:.1f} of {os.cpu_count()}"),
         ("context: plaintext file cold from disk, GB/s", f"{figures['disk_dd']:.2f}"),
