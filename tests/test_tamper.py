@@ -111,22 +111,23 @@ def test_a_damaged_chunk_does_not_poison_the_other_chunks(tmp_path, keys):
         assert ef.read(start + 3 * CHUNK, 100) == expected[3 * CHUNK:3 * CHUNK + 100]
 
 
-def test_swapped_chunks_fail_closed(tmp_path, keys):
+def victim_with_first_two_chunks_swapped(tmp_path, keys):
     path = write_victim(tmp_path / "v.ct", "cryptotensors-v2", keys)
     blob = bytearray(path.read_bytes())
     at = data_offset(path, "weight")
     blob[at:at + 2 * CHUNK] = blob[at + CHUNK:at + 2 * CHUNK] + blob[at:at + CHUNK]
     path.write_bytes(bytes(blob))
+    return path
+
+
+def test_swapped_chunks_fail_closed(tmp_path, keys):
+    path = victim_with_first_two_chunks_swapped(tmp_path, keys)
     assert_fails_closed(path, keys.store, IntegrityError)
 
 
 def test_swapped_chunks_with_their_tags_fail_even_when_re_signed(tmp_path, keys):
     """The chunk index is bound through the nonce, so moving a chunk together with its tag is caught."""
-    path = write_victim(tmp_path / "v.ct", "cryptotensors-v2", keys)
-    blob = bytearray(path.read_bytes())
-    at = data_offset(path, "weight")
-    blob[at:at + 2 * CHUNK] = blob[at + CHUNK:at + 2 * CHUNK] + blob[at:at + CHUNK]
-    path.write_bytes(bytes(blob))
+    path = victim_with_first_two_chunks_swapped(tmp_path, keys)
 
     def swap_tags(entries):
         tags = base64.b64decode(entries["weight"]["tags"])

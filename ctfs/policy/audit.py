@@ -53,10 +53,19 @@ class AuditLog:
         labels: Mapping[str, str],
         cached: bool,
     ) -> dict:
-        """Write one decision and return the record written."""
-        rec = make_record(
-            file=file, process=process, decision=decision, key_ids=key_ids, labels=labels, cached=cached
-        )
+        """Write one decision and return the record written: identifiers only, never key material or the
+        command line."""
+        rec = {
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "file": file,
+            # cmdline is left out on purpose: arguments often carry tokens and passwords.
+            "process": {field: process.get(field) for field in ("pid", "uid", "gid", "exe")},
+            "decision": "allow" if decision.allowed else "deny",
+            "reason": decision.reason,
+            "key_ids": [str(key_id) for key_id in key_ids],
+            "labels": dict(labels),
+            "cached": cached,
+        }
         line = json.dumps(rec, separators=(",", ":")) + "\n"
         with self._lock:
             self._emit(rec, line)
@@ -65,29 +74,6 @@ class AuditLog:
     def close(self) -> None:
         with self._lock:
             self._close()
-
-
-def make_record(
-    *,
-    file: str,
-    process: Mapping,
-    decision: Decision,
-    key_ids: Sequence[str],
-    labels: Mapping[str, str],
-    cached: bool,
-) -> dict:
-    """The audit record of one decision: identifiers only, never key material or the command line."""
-    return {
-        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "file": file,
-        # cmdline is left out on purpose: arguments often carry tokens and passwords.
-        "process": {field: process.get(field) for field in ("pid", "uid", "gid", "exe")},
-        "decision": "allow" if decision.allowed else "deny",
-        "reason": decision.reason,
-        "key_ids": [str(key_id) for key_id in key_ids],
-        "labels": dict(labels),
-        "cached": cached,
-    }
 
 
 def _journal_fields(rec: dict) -> dict:
