@@ -103,11 +103,11 @@ def child(op: str, keys_path: str, src: str, dst: str, chunk_size: int) -> None:
         reference_config["enc_key" if jwk["kty"] == "oct" else "sign_key"] = jwk
 
     if op == "ctfs-encrypt":
-        from ctfs.writer import EncryptOptions, encrypt_file
+        from ctfs.files.encrypt import EncryptOptions, encrypt_file
         start = time.perf_counter()
         encrypt_file(src, dst, keys.first_encryption_key(), keys.signing_key(), EncryptOptions(chunk_size=chunk_size))
     elif op == "ctfs-decrypt":
-        from ctfs.export import decrypt_file
+        from ctfs.files.decrypt import decrypt_file
         start = time.perf_counter()
         decrypt_file(src, dst, keys)
     elif op == "reference-save":
@@ -144,10 +144,11 @@ def child(op: str, keys_path: str, src: str, dst: str, chunk_size: int) -> None:
         os.fsync(fd)
         os.close(fd)
     elif op == "baseline":
-        import numpy  # noqa: F401
         import cryptotensors  # noqa: F401
-        import ctfs.export  # noqa: F401
-        import ctfs.writer  # noqa: F401
+        import numpy  # noqa: F401
+
+        import ctfs.files.decrypt  # noqa: F401
+        import ctfs.files.encrypt  # noqa: F401
         start = time.perf_counter()
     else:
         raise SystemExit(f"unknown operation {op}")

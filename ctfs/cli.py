@@ -12,20 +12,29 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from ctfs.atomic import atomic_output, write_all
+from ctfs.crypto.signing import public_key_of
 from ctfs.errors import CtfsError
-from ctfs.export import decrypt_file
-from ctfs.format.encryption import DEFAULT_CHUNK_SIZE, ENC_KEY_LENGTHS, parse_crypto_header
-from ctfs.format.view import tensor_chunk_count
+from ctfs.files.atomic import atomic_output, write_all
+from ctfs.files.decrypt import decrypt_file
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
+from ctfs.files.encrypted import verify_files
+from ctfs.files.inspect import describe
+from ctfs.files.modeldir import (
+    check_distinct,
+    is_safetensors,
+    safetensors_data_bytes,
+    safetensors_files,
+    transform_tree,
+    walk_files,
+)
+from ctfs.format.encryption import (
+    DEFAULT_CHUNK_SIZE,
+    ENC_KEY_LENGTHS,
+)
 from ctfs.keys.chain import build_chain
 from ctfs.keys.files import load_key_paths
 from ctfs.keys.jwk import EncryptionKey, SigningKey, to_reference_jwk
-from ctfs.keys.store import KeySource, KeyStore
-from ctfs.modeldir import (SAFETENSORS_SUFFIX, check_distinct, is_safetensors, safetensors_data_bytes, transform_tree,
-                           walk_files)
-from ctfs.crypto.signing import public_key_of
-from ctfs.reader import EncryptedFile, read_header, verify_signature
-from ctfs.writer import EncryptOptions, encrypt_file
+from ctfs.keys.store import KeyStore
 
 
 def fail(message: str) -> None:
@@ -173,7 +182,7 @@ def _apply(src: Path, dst: Path, verb: str, operation) -> None:
 def inspect(file, keys, trust, as_json, insecure_key_perms) -> None:
     """Describe a file: tensors, encryption, keys, policy, and the signature status when keys are given."""
     chain = build_chain(keys, trust, check_perms=not insecure_key_perms) if keys or trust else None
-    report = _describe(Path(file), chain)
+    report = describe(Path(file), chain)
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
         return
@@ -188,51 +197,15 @@ def inspect(file, keys, trust, as_json, insecure_key_perms) -> None:
         click.echo(f"  {t['name']}  {t['dtype']}{t['shape']}  {t['bytes']} B  {mark}")
 
 
-def _describe(path: Path, keys: KeySource | None) -> dict:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        header = read_header(fd, os.fstat(fd).st_size, str(path))
-    finally:
-        os.close(fd)
-    crypto = parse_crypto_header(header, str(path))
-    report: dict = {"file": str(path), "encrypted": crypto is not None}
-    if crypto is not None:
-        report.update(
-            version=crypto.version, chunk_size=crypto.chunk_size, algorithm=crypto.enc.alg,
-            enc_kid=crypto.enc.kid, sign_kid=crypto.sign.kid, policy=crypto.policy_local,
-        )
-        if keys is not None:
-            try:
-                verify_signature(header, crypto, keys, str(path))
-                report["signature"] = "valid (trusted signer)"
-            except CtfsError as exc:
-                report["signature"] = f"INVALID: {exc}"
-        else:
-            report["signature"] = "not checked (no keys given)"
-    report["tensors"] = [
-        {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "bytes": t.nbytes,
-         "encrypted": crypto is not None and t.name in crypto.ciphers,
-         **({"chunks": tensor_chunk_count(crypto.ciphers[t.name], t)}
-            if crypto is not None and t.name in crypto.ciphers else {})}
-        for t in header.by_offset
-    ]
-    return report
-
-
 @main.command()
 @click.argument("path", type=click.Path(exists=True))
 @key_sources
 @reports_errors
 def verify(path, chain) -> None:
     """Check the signature and every tag of a file, or of every safetensors file in a directory."""
-    root = Path(path)
-    files = [root / rel for rel in walk_files(root) if is_safetensors(rel)] if root.is_dir() else [root]
-    if not files:
-        raise CtfsError(f"no {SAFETENSORS_SUFFIX} file under {root}")
+    files = safetensors_files(Path(path))
     with progress(safetensors_data_bytes(files), "verify") as bar:
-        for file in files:
-            with EncryptedFile(file, chain) as ef:
-                ef.verify_all(on_bytes=bar.update)
+        verify_files(files, chain, on_bytes=bar.update)
     click.echo(f"verified {len(files)} file(s): signatures and every tag are valid")
 
 
@@ -371,8 +344,7 @@ def policy_test(file, input_file) -> None:
 
 
 def _embedded_policy(path: str) -> str | None:
-    report = _describe(Path(path), None)
-    return report.get("policy")
+    return describe(Path(path), None).get("policy")
 
 
 @main.command()
@@ -394,24 +366,6 @@ def audit(log, only_denied, uid, file_glob, since, as_json) -> None:
         click.echo(json.dumps(rec, ensure_ascii=False) if as_json else format_record(rec))
     if records.malformed:
         click.echo(f"ctfs: warning: skipped {records.malformed} malformed line(s)", err=True)
-
-
-@main.command()
-@click.option("--workdir", type=click.Path(file_okay=False), help="Keep the demo's files here (default: a temp dir).")
-@reports_errors
-def demo(workdir) -> None:
-    """Make a tiny Llama locally, encrypt it, mount it, load it with transformers, compare the logits."""
-    import tempfile
-
-    from ctfs.demo import run_demo
-
-    if workdir:
-        result = run_demo(Path(workdir), click.echo)
-    else:
-        with tempfile.TemporaryDirectory(prefix="ctfs-demo-") as tmp:
-            result = run_demo(Path(tmp), click.echo)
-    click.echo("demo passed" if result.ok else "demo FAILED: the mount did not reproduce the model")
-    sys.exit(0 if result.ok else 1)
 
 
 # -- keys: the keyring, and rotation ----------------------------------------------------------------
@@ -476,7 +430,7 @@ def key_delete(kid) -> None:
 def rewrap(path, new_keys, chain) -> None:
     """Rotate keys of a file or model directory in place: data keys re-wrapped, headers re-signed,
     tensor bytes untouched. Each file is replaced atomically; an interrupted run can be repeated."""
-    from ctfs.rewrap import REWRAPPED, rewrap_path
+    from ctfs.files.rewrap import REWRAPPED, rewrap_path
 
     new = KeyStore(load_key_paths(new_keys))
     # Refuse incomplete new keys before touching any file.

@@ -23,3 +23,11 @@ class UntrustedSigner(IntegrityError):
 
 class PolicyError(CtfsError):
     """A Rego policy is malformed or could not be evaluated."""
+
+
+class PlainFileError(FormatError):
+    """The file is plain safetensors, not encrypted: serving it would allow a downgrade."""
+
+
+class AccessDenied(CtfsError):
+    """A policy or the downgrade rule refuses an open."""

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh demo
-exec .venv/bin/ctfs demo "${@}"
+exec .venv/bin/python -m demo "${@}"

@@ -28,6 +28,7 @@ from safetensors.numpy import save_file as save_plain_numpy
 from ctfs.keys.jwk import EncryptionKey, SigningKey, parse_jwk
 from ctfs.keys.store import KeyStore
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 # Tests see only the key sources they set up, here and in every child process: never a developer's
 # keyring, ambient systemd credentials or CRYPTOTENSOR_KEYS.
 os.environ["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import Keys, seeded_tensors, write_plain, write_upstream
-from ctfs.export import decrypt_file
-from ctfs.writer import EncryptOptions, encrypt_file
+
+from ctfs.files.decrypt import decrypt_file
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
 
 TESTS_DIR = Path(__file__).parent
 CONSUMERS_SCRIPT = TESTS_DIR / "consumers.py"

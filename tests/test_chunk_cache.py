@@ -150,10 +150,10 @@ def test_the_source_counts_bytes_served_and_decrypted(tmp_path, keys):
     import ctypes
 
     import numpy as np
-
     from conftest import write_plain
+
     from ctfs.daemon.source import ModelSource
-    from ctfs.writer import EncryptOptions, encrypt_file
+    from ctfs.files.encrypt import EncryptOptions, encrypt_file
 
     rng = np.random.default_rng(1)
     tensors = {"a": rng.standard_normal(300_000).astype(np.float32), "b": rng.integers(0, 9, 70_001).astype(np.int8)}

@@ -12,10 +12,15 @@ from pathlib import Path
 import cryptotensors
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
-
-from conftest import assert_same_tensors, flip_file_bit, seeded_tensors, split_file, write_plain
+from conftest import (
+    assert_same_tensors,
+    flip_file_bit,
+    seeded_tensors,
+    split_file,
+    write_plain,
+)
 from mounting import ctfs
+from safetensors.numpy import load_file
 
 OTHER_FILES = {"config.json": '{"model_type": "llama"}\n', "tokenizer.json": '{"version": "1.0"}\n',
                "model.safetensors.index.json": '{"weight_map": {}}\n'}

@@ -7,7 +7,13 @@ import re
 
 import pytest
 
-from ctfs.daemon.config import ConfigError, MountConfig, config_from_options, load_config, parse_size
+from ctfs.daemon.config import (
+    ConfigError,
+    MountConfig,
+    config_from_options,
+    load_config,
+    parse_size,
+)
 from ctfs.errors import CtfsError
 
 

@@ -6,14 +6,14 @@ import json
 import struct
 
 import pytest
+from conftest import b64, make_keys, split_file, write_upstream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import b64, make_keys, split_file, write_upstream
 from ctfs.errors import CtfsError, FormatError
+from ctfs.files.encrypted import EncryptedFile
 from ctfs.format.encryption import DEFAULT_CHUNK_SIZE, parse_crypto_header
 from ctfs.format.header import MAX_HEADER_SIZE, parse_header, read_header_size
-from ctfs.reader import EncryptedFile
 
 U8 = {"dtype": "U8", "shape": [4], "data_offsets": [0, 4]}
 

@@ -10,17 +10,28 @@ import cryptotensors
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    Keys,
+    assert_same_tensors,
+    b64,
+    edit_header,
+    edit_json_field,
+    join_file,
+    load_upstream,
+    make_keys,
+    read_raw,
+    split_file,
+    write_plain,
+    write_upstream,
+    write_upstream_raw,
+)
 from safetensors.numpy import load_file
 
-from conftest import (
-    Keys, assert_same_tensors, b64, edit_header, edit_json_field, join_file, load_upstream, make_keys, read_raw,
-    split_file, write_plain, write_upstream, write_upstream_raw,
-)
 from ctfs.errors import UntrustedSigner
-from ctfs.export import decrypt_file
+from ctfs.files.decrypt import decrypt_file
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
+from ctfs.files.encrypted import EncryptedFile
 from ctfs.format.encryption import DEFAULT_CHUNK_SIZE
-from ctfs.reader import EncryptedFile
-from ctfs.writer import EncryptOptions, encrypt_file
 
 # (version, chunk_size): v1, and v2 with tiny, odd, page-sized and the default (2 MiB) chunks.
 MODES = [("1", None), ("2", 1), ("2", 7), ("2", 4096), ("2", None)]

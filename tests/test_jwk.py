@@ -6,12 +6,19 @@ import json
 
 import numpy as np
 import pytest
+from conftest import ALGS, assert_same_tensors, b64, make_keys, write_upstream
 from safetensors.numpy import load_file
 
-from conftest import ALGS, assert_same_tensors, b64, make_keys, write_upstream
 from ctfs.errors import KeyUnavailable
-from ctfs.export import decrypt_file
-from ctfs.keys.jwk import EncryptionKey, SigningKey, load_key_file, parse_jwk, parse_jwk_document, to_reference_jwk
+from ctfs.files.decrypt import decrypt_file
+from ctfs.keys.jwk import (
+    EncryptionKey,
+    SigningKey,
+    load_key_file,
+    parse_jwk,
+    parse_jwk_document,
+    to_reference_jwk,
+)
 from ctfs.keys.store import KeyStore
 
 

@@ -13,18 +13,18 @@ from pathlib import Path
 import keyring
 import pytest
 from click.testing import CliRunner
+from conftest import Keys, make_keys, seeded_tensors, write_upstream
 from keyrings.alt.file import PlaintextKeyring
 
-from conftest import Keys, make_keys, seeded_tensors, write_upstream
 from ctfs.cli import main
 from ctfs.daemon.config import MountConfig
 from ctfs.daemon.lifecycle import build_keys
 from ctfs.errors import CtfsError, IntegrityError, KeyUnavailable
+from ctfs.files.encrypted import EncryptedFile
 from ctfs.format.encryption import KeyRef
 from ctfs.keys.chain import build_chain
 from ctfs.keys.keyring_store import KeyringKeys
 from ctfs.keys.providers import KEY_COMMAND_ENV, KeyCommand
-from ctfs.reader import EncryptedFile
 
 RIGHT = make_keys(seed=0)
 WRONG = make_keys(seed=1)  # the same kids as RIGHT, other bytes

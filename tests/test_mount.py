@@ -12,16 +12,23 @@ import subprocess
 import sys
 
 import pytest
+from conftest import make_keys, seeded_tensors, write_plain
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from conftest import make_keys, seeded_tensors, write_plain
-from ctfs.export import decrypt_file
-from ctfs.writer import EncryptOptions, encrypt_file
 from mounting import (
-    CHILD_TIMEOUT, CONSUMERS_SCRIPT, SERVED_CHUNK_SIZE, SERVED_NAMES, call_with_timeout, make_served_dir, mounted,
-    requires_fuse, write_key_file,
+    CHILD_TIMEOUT,
+    CONSUMERS_SCRIPT,
+    SERVED_CHUNK_SIZE,
+    SERVED_NAMES,
+    call_with_timeout,
+    make_served_dir,
+    mounted,
+    requires_fuse,
+    write_key_file,
 )
+
+from ctfs.files.decrypt import decrypt_file
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
 
 pytestmark = requires_fuse
 

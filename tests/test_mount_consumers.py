@@ -10,15 +10,23 @@ import sys
 
 import pytest
 import torch
-
-from conftest import make_keys, read_raw
-from ctfs.demo import DEMO_TOKEN_IDS, make_tiny_llama
-from ctfs.modeldir import transform_tree
-from ctfs.writer import EncryptOptions, encrypt_file
+from conftest import REPO_ROOT, make_keys, read_raw
 from mounting import (
-    CHILD_TIMEOUT, SERVED_METADATA, SERVED_NAMES, consume, make_served_dir, mounted, mountinfo_entry, requires_fuse,
-    served_tensors, write_key_file,
+    CHILD_TIMEOUT,
+    SERVED_METADATA,
+    SERVED_NAMES,
+    consume,
+    make_served_dir,
+    mounted,
+    mountinfo_entry,
+    requires_fuse,
+    served_tensors,
+    write_key_file,
 )
+
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
+from ctfs.files.modeldir import transform_tree
+from demo.tiny_llama import DEMO_TOKEN_IDS, make_tiny_llama
 
 pytestmark = requires_fuse
 
@@ -113,8 +121,8 @@ def test_transformers_loads_a_sharded_model_from_the_mount_with_the_original_log
     assert torch.equal(got, want), f"max abs diff {(got - want).abs().max().item()}"
 
 
-def test_the_demo_command_reproduces_the_logits_and_unmounts(tmp_path):
-    demo = subprocess.run([sys.executable, "-m", "ctfs", "demo", "--workdir", str(tmp_path)],
+def test_the_demo_reproduces_the_logits_and_unmounts(tmp_path):
+    demo = subprocess.run([sys.executable, "-m", "demo", "--workdir", str(tmp_path)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=3 * CHILD_TIMEOUT, stdin=subprocess.DEVNULL)
     assert demo.returncode == 0, demo.stdout + demo.stderr[-3000:]
     assert "torch.equal to the original: True, max abs diff = 0" in demo.stdout

@@ -10,13 +10,23 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import make_keys, write_plain
-from ctfs.writer import EncryptOptions, encrypt_file
 from mounting import (
-    ctfs, daemon_pid, force_unmount, mounted, mountinfo_entry, proc_mounts_line, process_gone, requires_fuse,
-    served_tensors, start_mount, wait_until, write_key_file,
+    ctfs,
+    daemon_pid,
+    force_unmount,
+    mounted,
+    mountinfo_entry,
+    proc_mounts_line,
+    process_gone,
+    requires_fuse,
+    served_tensors,
+    start_mount,
+    wait_until,
+    write_key_file,
 )
+
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
 
 pytestmark = requires_fuse
 

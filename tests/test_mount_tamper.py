@@ -8,11 +8,19 @@ import shutil
 import signal
 
 import pytest
-
 from conftest import edit_header, flip_file_bit, make_keys, split_file, write_plain
-from ctfs.export import decrypt_file
-from ctfs.writer import EncryptOptions, encrypt_file
-from mounting import SERVED_CHUNK_SIZE, call_with_timeout, consume, mounted, requires_fuse, served_tensors, write_key_file
+from mounting import (
+    SERVED_CHUNK_SIZE,
+    call_with_timeout,
+    consume,
+    mounted,
+    requires_fuse,
+    served_tensors,
+    write_key_file,
+)
+
+from ctfs.files.decrypt import decrypt_file
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
 
 pytestmark = requires_fuse
 

@@ -10,11 +10,16 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-
 from conftest import parked_thread
 
 from ctfs.errors import PolicyError
-from ctfs.policy.context import Reader, build_input, cgroup_path, process_info, unit_of_cgroup
+from ctfs.policy.context import (
+    Reader,
+    build_input,
+    cgroup_path,
+    process_info,
+    unit_of_cgroup,
+)
 from ctfs.policy.engine import DEFAULT_POLICY, Decision, evaluate, validate_policy
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "policy.md"

@@ -6,7 +6,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import parked_thread
 
 from ctfs.errors import PolicyError

@@ -12,10 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import make_keys, write_plain, write_upstream
-from mounting import CHILD_TIMEOUT, mounted, requires_fuse, served_tensors, write_key_file
-from ctfs.writer import EncryptOptions, encrypt_file
+from mounting import (
+    CHILD_TIMEOUT,
+    mounted,
+    requires_fuse,
+    served_tensors,
+    write_key_file,
+)
+
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
 
 pytestmark = requires_fuse
 

@@ -17,16 +17,23 @@ import cryptotensors
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import (
-    Keys, assert_same_tensors, edit_header, load_upstream, make_keys, seeded_tensors, split_file, write_plain,
+    Keys,
+    assert_same_tensors,
+    edit_header,
+    load_upstream,
+    make_keys,
+    seeded_tensors,
+    split_file,
+    write_plain,
     write_upstream,
 )
+
 from ctfs.cli import main
 from ctfs.errors import CtfsError, IntegrityError, UntrustedSigner
-from ctfs.export import decrypt_file
-from ctfs.reader import EncryptedFile
-from ctfs.rewrap import ALREADY_NEW, REWRAPPED, rewrap_file
+from ctfs.files.decrypt import decrypt_file
+from ctfs.files.encrypted import EncryptedFile
+from ctfs.files.rewrap import ALREADY_NEW, REWRAPPED, rewrap_file
 
 OLD = make_keys(seed=0)  # enc1 / sign1
 NEW = make_keys(seed=1, enc_kid="enc2", sign_kid="sign2")

@@ -17,13 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from conftest import make_keys, seeded_tensors, write_plain
-from ctfs.daemon.mountpoint import ask_daemon_pid
-from ctfs.export import decrypt_file
-from ctfs.writer import EncryptOptions, encrypt_file
-from mounting import force_unmount, mountinfo_entry, process_gone, requires_fuse, wait_until, write_key_file
+from mounting import (
+    force_unmount,
+    mountinfo_entry,
+    process_gone,
+    requires_fuse,
+    wait_until,
+    write_key_file,
+)
 from test_systemd_units import CTFS_UNIT, INSTALLED_CTFS, values
+
+from ctfs.daemon.mountpoint import ask_daemon_pid
+from ctfs.files.decrypt import decrypt_file
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
 
 pytestmark = requires_fuse
 

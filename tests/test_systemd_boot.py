@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import make_keys, seeded_tensors, write_plain
-from ctfs.export import decrypt_file
-from ctfs.writer import EncryptOptions, encrypt_file
 from mounting import wait_until, write_key_file
 from test_systemd_units import CTFS_UNIT, INSTALLED_CTFS
+
+from ctfs.files.decrypt import decrypt_file
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
 
 SYSTEMD = Path("/lib/systemd/systemd")
 BOOT_TIMEOUT = 60.0

@@ -9,17 +9,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    Keys,
+    b64,
+    edit_header,
+    edit_json_field,
+    flip_b64,
+    flip_file_bit,
+    make_keys,
+    split_file,
+    write_plain,
+    write_upstream,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import (
-    Keys, b64, edit_header, edit_json_field, flip_b64, flip_file_bit, make_keys, split_file, write_plain, write_upstream,
+from ctfs.errors import (
+    CtfsError,
+    FormatError,
+    IntegrityError,
+    PlainFileError,
+    UntrustedSigner,
 )
-from ctfs.errors import CtfsError, FormatError, IntegrityError, UntrustedSigner
-from ctfs.export import decrypt_file
+from ctfs.files.decrypt import decrypt_file
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
+from ctfs.files.encrypted import EncryptedFile
 from ctfs.keys.store import KeyStore
-from ctfs.reader import EncryptedFile, PlainFileError
-from ctfs.writer import EncryptOptions, encrypt_file
 
 CHUNK = 64
 KINDS = ["cryptotensors-v2", "cryptotensors-v1", "ctfs-v2", "ctfs-v1"]

@@ -7,13 +7,20 @@ import logging
 from pathlib import Path
 
 import pytest
+from conftest import (
+    edit_header,
+    edit_json_field,
+    make_keys,
+    seeded_tensors,
+    split_file,
+    write_upstream,
+)
 
-from conftest import edit_header, edit_json_field, make_keys, seeded_tensors, split_file, write_upstream
 from ctfs.daemon.config import MountConfig
 from ctfs.daemon.lifecycle import build_keys
 from ctfs.errors import CtfsError, IntegrityError, KeyUnavailable, UntrustedSigner
+from ctfs.files.encrypted import EncryptedFile
 from ctfs.keys.chain import build_chain
-from ctfs.reader import EncryptedFile
 
 PUBLISHER = make_keys(seed=0)  # kids enc1 / sign1
 MALLORY = make_keys(seed=66)  # the same kids, the attacker's bytes

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_same_tensors, make_keys, write_plain, write_upstream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
-from conftest import assert_same_tensors, make_keys, write_plain, write_upstream
-from ctfs.export import decrypt_file
+from ctfs.files.decrypt import decrypt_file
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
+from ctfs.files.encrypted import EncryptedFile
 from ctfs.format.encryption import DEFAULT_POLICY, CryptoHeader, KeyRef, TensorCipher
 from ctfs.format.header import parse_header
 from ctfs.format.view import ChunkPiece, HeaderPiece, PlainView, StoredPiece
-from ctfs.reader import EncryptedFile
-from ctfs.writer import EncryptOptions, encrypt_file
 
 
 def make_view(tensors: dict[str, tuple[str, list[int], int]], chunked: dict[str, int | None],

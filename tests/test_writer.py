@@ -11,21 +11,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from conftest import (
+    ALGS,
+    Keys,
+    assert_same_tensors,
+    b64,
+    canonical_signing_bytes,
+    edit_header,
+    edit_json_field,
+    flip_b64,
+    load_upstream,
+    make_keys,
+    split_file,
+    write_plain,
+)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from safetensors.numpy import load_file
 
-import ctfs.export
-import ctfs.writer
-from conftest import (
-    ALGS, Keys, assert_same_tensors, b64, canonical_signing_bytes, edit_header, edit_json_field,
-    flip_b64, load_upstream, make_keys, split_file, write_plain,
-)
-from ctfs.errors import CtfsError, FormatError, IntegrityError
-from ctfs.export import decrypt_file
+import ctfs.files.decrypt
+import ctfs.files.encrypt
+from ctfs.errors import CtfsError, FormatError, IntegrityError, PlainFileError
+from ctfs.files.decrypt import decrypt_file
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
+from ctfs.files.encrypted import EncryptedFile
 from ctfs.keys.jwk import parse_jwk
-from ctfs.reader import EncryptedFile, PlainFileError
-from ctfs.writer import EncryptOptions, encrypt_file
 
 
 def encrypt(tmp_path: Path, tensors, keys: Keys, metadata=None, /, **options) -> Path:
@@ -233,9 +243,9 @@ def test_output_modes_follow_the_source_and_plaintext_is_private(tmp_path, keys,
 @pytest.mark.parametrize(("version", "chunk_size"), [("1", 1), ("2", 7), ("2", 64)], ids=["v1", "v2-chunk7", "v2-chunk64"])
 def test_tensors_larger_than_the_io_block_stream_correctly(tmp_path, alg_keys, monkeypatch, version, chunk_size):
     """Blocks of 100 bytes split ChaCha20 and GCM blocks mid-way, and chunks across blocks."""
-    monkeypatch.setattr(ctfs.writer, "BLOCK_SIZE", 100)
-    monkeypatch.setattr(ctfs.export, "STREAM_BLOCK", 100)
-    monkeypatch.setattr(ctfs.export, "BATCH_BYTES", 100)
+    monkeypatch.setattr(ctfs.files.encrypt, "BLOCK_SIZE", 100)
+    monkeypatch.setattr(ctfs.files.decrypt, "STREAM_BLOCK", 100)
+    monkeypatch.setattr(ctfs.files.decrypt, "BATCH_BYTES", 100)
     rng = np.random.default_rng(3)
     tensors = {"big": rng.standard_normal(1003).astype(np.float32), "odd": rng.integers(0, 255, 257, dtype=np.uint8)}
     path = encrypt(tmp_path, tensors, alg_keys, version=version, chunk_size=chunk_size)
@@ -247,13 +257,13 @@ def test_tensors_larger_than_the_io_block_stream_correctly(tmp_path, alg_keys, m
 def test_decrypt_pipelines_batches_across_encrypted_and_plaintext_tensors(tmp_path, keys, monkeypatch):
     """A batch still being written when the next tensor starts must be neither lost nor overwritten,
     whether the next tensor decrypts into the other buffer or is copied as stored plaintext."""
-    monkeypatch.setattr(ctfs.export, "BATCH_BYTES", 30)
-    write_all = ctfs.export.write_all
+    monkeypatch.setattr(ctfs.files.decrypt, "BATCH_BYTES", 30)
+    write_all = ctfs.files.decrypt.write_all
 
     def slow_write(*args):  # as on a slow disk: the next batch finishes decrypting before this write starts
         time.sleep(0.005)
         write_all(*args)
-    monkeypatch.setattr(ctfs.export, "write_all", slow_write)
+    monkeypatch.setattr(ctfs.files.decrypt, "write_all", slow_write)
     rng = np.random.default_rng(5)
     tensors = {name: rng.integers(0, 255, size, dtype=np.uint8)
                for name, size in [("a", 301), ("b", 95), ("c", 64), ("d", 7), ("e", 250)]}

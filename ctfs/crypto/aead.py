@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from ctfs.crypto.constants import ENC_KEY_LENGTHS, TAG_SIZE
 from ctfs.errors import IntegrityError
-from ctfs.format.encryption import ENC_KEY_LENGTHS, TAG_SIZE
 
 AEAD = AESGCM | ChaCha20Poly1305
 

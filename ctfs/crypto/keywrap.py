@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from ctfs.crypto.aead import new_aead, open_, seal
-from ctfs.format.encryption import ENC_KEY_LENGTHS, NONCE_SIZE
+from ctfs.crypto.constants import ENC_KEY_LENGTHS, NONCE_SIZE
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ctfs.crypto.constants import MAX_COUNTER
 from ctfs.errors import FormatError
-from ctfs.format.encryption import MAX_COUNTER
 
 
 def chunk_nonce(base_iv: bytes, index: int) -> bytes:

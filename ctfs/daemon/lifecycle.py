@@ -16,8 +16,14 @@ from ctfs.daemon import sdnotify
 from ctfs.daemon.chunk_cache import ChunkCache
 from ctfs.daemon.config import AUDIT_TO_JOURNAL, MountConfig
 from ctfs.daemon.fuse_ops import CtfsOperations, serve
-from ctfs.daemon.mountpoint import (abort_and_detach, ask_daemon_pid, clean_stale, is_stale, mount_entry,
-                                    raise_readahead)
+from ctfs.daemon.mountpoint import (
+    abort_and_detach,
+    ask_daemon_pid,
+    clean_stale,
+    is_stale,
+    mount_entry,
+    raise_readahead,
+)
 from ctfs.daemon.source import ModelSource, SourceOptions
 from ctfs.errors import CtfsError
 from ctfs.keys.chain import KeyChain, build_chain

@@ -13,14 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ctfs.errors import CtfsError, FormatError, KeyUnavailable, UntrustedSigner
+from ctfs.daemon.chunk_cache import ChunkCache
+from ctfs.errors import (
+    AccessDenied,
+    FormatError,
+    KeyUnavailable,
+    PlainFileError,
+    UntrustedSigner,
+)
+from ctfs.files.encrypted import EncryptedFile
+from ctfs.files.fileio import FileIdentity, read_header
+from ctfs.files.modeldir import is_safetensors
 from ctfs.format.encryption import parse_crypto_header
 from ctfs.format.view import ChunkPiece, HeaderPiece, PlainView
 from ctfs.keys.store import KeySource
-from ctfs.modeldir import is_safetensors
-from ctfs.reader import EncryptedFile, FileIdentity, PlainFileError, read_header
-
-from ctfs.daemon.chunk_cache import ChunkCache
 
 if TYPE_CHECKING:
     from ctfs.policy.context import Reader
@@ -33,10 +39,6 @@ FILE_MODE = stat.S_IFREG | 0o444
 DIR_MODE = stat.S_IFDIR | 0o555
 # v1 tensors have no chunk size; read-ahead looks this far for the next ones.
 READAHEAD_V1_SPAN = 4 * 1024 * 1024
-
-
-class AccessDenied(CtfsError):
-    """A policy or the downgrade rule refuses the open."""
 
 
 def errno_of(exc: BaseException) -> int:

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from ctfs.crypto.constants import ENC_KEY_LENGTHS, MAX_COUNTER, NONCE_SIZE, TAG_SIZE
 from ctfs.errors import FormatError
 from ctfs.format.header import Header, TensorInfo
 
@@ -18,10 +19,6 @@ RESERVED_KEYS = frozenset({CRYPTO_KEYS_KEY, ENCRYPTION_KEY, POLICY_KEY, SIGNATUR
 
 DEFAULT_CHUNK_SIZE = 2 * 1024 * 1024  # a v2 header without chunk_size means 2 MiB chunks
 DEFAULT_POLICY = "package model\nallow = true"
-ENC_KEY_LENGTHS = {"aes128gcm": 16, "aes256gcm": 32, "chacha20poly1305": 32}
-NONCE_SIZE = 12
-TAG_SIZE = 16
-MAX_COUNTER = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,12 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 
-from ctfs.format.encryption import RESERVED_KEYS, CryptoHeader, TensorCipher, chunk_count
+from ctfs.format.encryption import (
+    RESERVED_KEYS,
+    CryptoHeader,
+    TensorCipher,
+    chunk_count,
+)
 from ctfs.format.header import Header, TensorInfo
 from ctfs.format.serialize import file_prefix, header_json
 

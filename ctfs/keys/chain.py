@@ -12,7 +12,14 @@ from ctfs.format.encryption import KeyRef
 from ctfs.keys.files import load_key_paths
 from ctfs.keys.jwk import EncryptionKey, Key, SigningKey
 from ctfs.keys.keyring_store import keyring_keys
-from ctfs.keys.providers import JkuFiles, KeyCommand, KeyProvider, StaticKeys, credential_keys, environment_keys
+from ctfs.keys.providers import (
+    JkuFiles,
+    KeyCommand,
+    KeyProvider,
+    StaticKeys,
+    credential_keys,
+    environment_keys,
+)
 from ctfs.keys.store import KeyStore
 
 log = logging.getLogger("ctfs.keys")

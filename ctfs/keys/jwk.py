@@ -14,7 +14,7 @@ from typing import Any
 
 from ctfs.crypto.signing import public_key_of
 from ctfs.errors import FormatError, KeyUnavailable
-from ctfs.format.encryption import ENC_KEY_LENGTHS, normalise_enc_alg
+from ctfs.format.encryption import ENC_KEY_LENGTHS, KeyRef, normalise_enc_alg
 
 # Standard JOSE names for the same algorithms.
 JOSE_ENC_ALGS = {"A128GCM": "aes128gcm", "A256GCM": "aes256gcm", "C20P": "chacha20poly1305"}
@@ -159,3 +159,9 @@ def to_reference_jwk(key: Key, *, private: bool = True) -> dict[str, str]:
     if key.jku is not None:
         out["jku"] = key.jku
     return out
+
+
+def key_ref(key: EncryptionKey | SigningKey) -> KeyRef:
+    """How a header names `key`: its algorithm, kid and jku."""
+    alg = key.alg if isinstance(key, EncryptionKey) else "ed25519"
+    return KeyRef(alg=alg, kid=key.kid, jku=key.jku)

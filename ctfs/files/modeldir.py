@@ -8,8 +8,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from ctfs.atomic import atomic_output
 from ctfs.errors import CtfsError
+from ctfs.files.atomic import atomic_output
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -26,6 +26,14 @@ def walk_files(root: Path) -> Iterator[Path]:
             path = Path(dirpath, name)
             if path.is_file() and not name.endswith(".ctfs-tmp"):
                 yield path.relative_to(root)
+
+
+def safetensors_files(root: Path) -> list[Path]:
+    """`root` itself if it is a file, else every safetensors file below it; none found is an error."""
+    files = [root / rel for rel in walk_files(root) if is_safetensors(rel)] if root.is_dir() else [root]
+    if not files:
+        raise CtfsError(f"no {SAFETENSORS_SUFFIX} file under {root}")
+    return files
 
 
 def check_distinct(src: Path, dst: Path) -> None:

@@ -9,16 +9,16 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from ctfs.atomic import atomic_output, write_all
 from ctfs.crypto.keywrap import WrappedKey, unwrap_dek, wrap_dek
-from ctfs.errors import CtfsError, IntegrityError, KeyUnavailable
+from ctfs.errors import CtfsError, IntegrityError, KeyUnavailable, PlainFileError
+from ctfs.files.atomic import atomic_output, write_all
+from ctfs.files.encrypt import signed_header, user_metadata
+from ctfs.files.encrypted import EncryptedFile
+from ctfs.files.modeldir import is_safetensors, walk_files
 from ctfs.format.encryption import CryptoHeader, encode_crypto_metadata
 from ctfs.format.serialize import file_prefix
-from ctfs.keys.jwk import EncryptionKey, SigningKey
+from ctfs.keys.jwk import EncryptionKey, SigningKey, key_ref
 from ctfs.keys.store import KeySource, KeyStore
-from ctfs.modeldir import is_safetensors, walk_files
-from ctfs.reader import EncryptedFile, PlainFileError
-from ctfs.writer import key_ref, signed_header, user_metadata
 
 # The data region is copied in blocks of this size: memory stays bounded whatever the file size.
 COPY_BLOCK = 16 * 1024 * 1024

@@ -7,22 +7,31 @@ from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from ctfs.atomic import atomic_output, write_all, write_all_vectored
 from ctfs.crypto.aead import StreamSealer, new_aead
 from ctfs.crypto.keywrap import new_dek, wrap_dek
 from ctfs.crypto.nonces import chunk_nonce, fresh_base_iv
 from ctfs.crypto.signing import sign
 from ctfs.errors import CtfsError, FormatError
+from ctfs.files.atomic import atomic_output, write_all, write_all_vectored
+from ctfs.files.fileio import pread_exact, read_header
 from ctfs.format.encryption import (
-    DEFAULT_CHUNK_SIZE, DEFAULT_POLICY, NONCE_SIZE, RESERVED_KEYS, SIGNATURE_KEY, TAG_SIZE,
-    CryptoHeader, KeyRef, TensorCipher, encode_crypto_metadata, encode_signature, parse_crypto_header,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_POLICY,
+    NONCE_SIZE,
+    RESERVED_KEYS,
+    SIGNATURE_KEY,
+    TAG_SIZE,
+    CryptoHeader,
+    TensorCipher,
+    encode_crypto_metadata,
+    encode_signature,
+    parse_crypto_header,
 )
 from ctfs.format.header import Header, TensorInfo
 from ctfs.format.layout import tie_free_layout
 from ctfs.format.serialize import file_prefix, header_json, signing_bytes
 from ctfs.format.view import tensor_chunk_count
-from ctfs.keys.jwk import EncryptionKey, SigningKey
-from ctfs.reader import pread_exact, read_header
+from ctfs.keys.jwk import EncryptionKey, SigningKey, key_ref
 
 # Source bytes are read in blocks of about this size: memory stays bounded whatever the file size.
 BLOCK_SIZE = 16 * 1024 * 1024
@@ -44,11 +53,6 @@ def signed_header(metadata: dict[str, str], tensors_by_offset: list[TensorInfo],
     unsigned = {k: v for k, v in metadata.items() if k != SIGNATURE_KEY}
     signature = sign(signer.seed, signing_bytes(unsigned, tensors_by_offset))
     return header_json({**unsigned, SIGNATURE_KEY: encode_signature(signature)}, tensors_by_offset)
-
-
-def key_ref(key: EncryptionKey | SigningKey) -> KeyRef:
-    alg = key.alg if isinstance(key, EncryptionKey) else "ed25519"
-    return KeyRef(alg=alg, kid=key.kid, jku=key.jku)
 
 
 def user_metadata(header: Header) -> dict[str, str]:

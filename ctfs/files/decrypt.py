@@ -7,9 +7,9 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from ctfs.atomic import atomic_output, write_all
+from ctfs.files.atomic import atomic_output, write_all
+from ctfs.files.encrypted import EncryptedFile
 from ctfs.keys.store import KeySource
-from ctfs.reader import EncryptedFile
 
 # Chunks decrypted together: bounds memory while keeping both cores busy.
 BATCH_BYTES = 32 * 1024 * 1024

@@ -1,59 +1,34 @@
-"""The demo: a tiny Llama made here, encrypted, mounted, and loaded by transformers from the mount."""
+"""The demo (`python -m demo`): a tiny Llama made here, encrypted, mounted, and loaded by transformers from the mount."""
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
-import shutil
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctfs.atomic import atomic_output, write_all
 from ctfs.crypto.signing import public_key_of
 from ctfs.errors import CtfsError
+from ctfs.files.atomic import atomic_output, write_all
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
+from ctfs.files.fileio import read_header
+from ctfs.files.modeldir import is_safetensors, transform_tree, walk_files
 from ctfs.format.encryption import parse_crypto_header
 from ctfs.keys.jwk import EncryptionKey, SigningKey, to_reference_jwk
-from ctfs.modeldir import is_safetensors, transform_tree, walk_files
-from ctfs.reader import read_header
-from ctfs.writer import EncryptOptions, encrypt_file
+from demo.tiny_llama import DEMO_TOKEN_IDS, make_tiny_llama
 
 # Small chunks so even this tiny model's tensors span several of them, as a real model's do.
 DEMO_CHUNK_SIZE = 16 * 1024
-# Fixed prompt token ids: the forward pass must be reproducible.
-DEMO_TOKEN_IDS = [[1, 17, 42, 7, 99, 3, 250, 64]]
 MOUNT_TIMEOUT = 60.0
-
-
-def make_tiny_llama(directory: str | os.PathLike[str], seed: int = 0, shards: int = 3):
-    """Save a Llama-style model with random weights from `seed` into `directory` as exactly `shards`
-    safetensors shards plus `model.safetensors.index.json`; return the model, in eval mode."""
-    import torch
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=shards,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=False, attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
-    state = model.state_dict()
-    # save_pretrained shards greedily by size; pick the largest limit that gives `shards` files.
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    for limit in range(total, 0, -max(1, total // 256)):
-        if len(split_torch_state_dict_into_shards(state, max_shard_size=limit).filename_to_tensors) == shards:
-            break
-    else:
-        raise ValueError(f"cannot split the tiny model into {shards} shards")
-    model.save_pretrained(directory, max_shard_size=limit)
-    return model
 
 
 def write_demo_keys(path: Path) -> tuple[EncryptionKey, SigningKey]:
@@ -155,3 +130,24 @@ def run_demo(workdir: Path, echo: Callable[[str], None] = print) -> DemoResult:
     finally:
         unmount_demo(mountpoint, echo)
     return DemoResult(logits_equal, files_equal)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m demo", description=(
+        "Make a tiny Llama locally, encrypt it, mount it, load it with transformers, compare the logits."))
+    parser.add_argument("--workdir", type=Path, help="keep the demo's files here (default: a temporary directory)")
+    args = parser.parse_args()
+    try:
+        if args.workdir:
+            result = run_demo(args.workdir)
+        else:
+            with tempfile.TemporaryDirectory(prefix="ctfs-demo-") as tmp:
+                result = run_demo(Path(tmp))
+    except CtfsError as exc:
+        sys.exit(f"demo: error: {exc}")
+    print("demo passed" if result.ok else "demo FAILED: the mount did not reproduce the model")
+    sys.exit(0 if result.ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,54 +4,34 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from pathlib import Path
 
 from ctfs.crypto.aead import AEAD, StreamOpener, new_aead, open_, open_sealed_into
 from ctfs.crypto.keywrap import WrappedKey, unwrap_dek
 from ctfs.crypto.nonces import chunk_nonce
 from ctfs.crypto.signing import verifies
-from ctfs.errors import FormatError, IntegrityError, UntrustedSigner
-from ctfs.format.encryption import DEFAULT_CHUNK_SIZE, TAG_SIZE, CryptoHeader, TensorCipher, parse_crypto_header
-from ctfs.format.header import HEADER_PREFIX_SIZE, Header, TensorInfo, parse_header, read_header_size
+from ctfs.errors import IntegrityError, PlainFileError, UntrustedSigner
+from ctfs.files.fileio import FileIdentity, pread_exact, pread_exact_into, read_header
+from ctfs.format.encryption import (
+    DEFAULT_CHUNK_SIZE,
+    TAG_SIZE,
+    CryptoHeader,
+    TensorCipher,
+    parse_crypto_header,
+)
+from ctfs.format.header import Header, TensorInfo
 from ctfs.format.serialize import signing_bytes
-from ctfs.format.view import ChunkPiece, HeaderPiece, PlainView, StoredPiece, chunk_span, tensor_chunk_count
+from ctfs.format.view import (
+    ChunkPiece,
+    HeaderPiece,
+    PlainView,
+    StoredPiece,
+    chunk_span,
+    tensor_chunk_count,
+)
 from ctfs.keys.jwk import EncryptionKey
 from ctfs.keys.store import KeySource
-
-
-class PlainFileError(FormatError):
-    """The file is plain safetensors, not encrypted: serving it would allow a downgrade."""
-
-
-@dataclass(frozen=True)
-class FileIdentity:
-    """What makes two opens see the same bytes: a changed source gets a new identity."""
-
-    device: int
-    inode: int
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> FileIdentity:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def pread_exact(fd: int, length: int, offset: int, source: str) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) != length:
-        raise FormatError(f"{source}: file shrank while being read")
-    return data
-
-
-def pread_exact_into(fd: int, out: memoryview, offset: int, source: str) -> None:
-    """Fill `out` from `offset`, with no intermediate bytes object."""
-    done = 0
-    while done < len(out):
-        n = os.preadv(fd, [out[done:]], offset + done)
-        if n == 0:
-            raise FormatError(f"{source}: file shrank while being read")
-        done += n
 
 
 class _SealedBuffers:
@@ -83,14 +63,6 @@ class _SealedBuffers:
 
 
 _sealed_buffers = _SealedBuffers()
-
-
-def read_header(fd: int, size: int, source: str) -> Header:
-    header_size = read_header_size(os.pread(fd, HEADER_PREFIX_SIZE, 0), source)
-    if HEADER_PREFIX_SIZE + header_size > size:
-        raise FormatError(f"{source}: header of {header_size} bytes runs past the end of the file (truncated)")
-    raw = pread_exact(fd, header_size, HEADER_PREFIX_SIZE, source)
-    return parse_header(raw, file_size=size, source=source)
 
 
 def verify_signature(header: Header, crypto: CryptoHeader, keys: KeySource, source: str) -> None:
@@ -253,3 +225,10 @@ class EncryptedFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def verify_files(files: list[Path], keys: KeySource, on_bytes: Callable[[int], None] | None = None) -> None:
+    """Check the signature and every tag of each file; the first failure raises."""
+    for file in files:
+        with EncryptedFile(file, keys) as ef:
+            ef.verify_all(on_bytes=on_bytes)

@@ -1,0 +1,1 @@
+"""File operations: open, encrypt, decrypt, rewrap and inspect CryptoTensors files and model directories."""
