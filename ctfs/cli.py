@@ -222,6 +222,9 @@ def _mount_options(func):
                      help="full: check every tag at a file's first open (safe for mmap readers)."),
         click.option("--allow-plain", is_flag=True, default=None, help="Serve unencrypted safetensors files too."),
         click.option("--allow-other", is_flag=True, default=None, help="Let other users read the mount."),
+        click.option("--follow", multiple=True,
+                     help="Directory that symlinks in the source may point into (repeatable); e.g. a Hugging "
+                          "Face cache's models--ORG--NAME when SOURCE is one of its snapshots."),
         click.option("--policy", help="Operator Rego policy applied on top of each file's own."),
         click.option("--label", "labels", multiple=True, help="KEY=VALUE fact about this host for policies."),
         click.option("--audit-log", help="File for one JSON line per access decision, or 'journal'."),

@@ -31,3 +31,7 @@ class PlainFileError(FormatError):
 
 class AccessDenied(CtfsError):
     """A policy or the downgrade rule refuses an open."""
+
+
+class StaleVersion(CtfsError):
+    """A source file changed between the kernel's lookup and the open; the kernel looks it up again."""

@@ -57,6 +57,7 @@ hide_denied = true
 policy_cache_ttl = 30
 threads = 8
 log_level = "debug"
+follow = ["/var/cache/hf/models--acme--llama"]
 """
     assert {line.split(" =")[0] for line in text.splitlines() if line} == {
         f.name for f in dataclasses.fields(MountConfig)}, "every option can be set in the file"
@@ -68,7 +69,7 @@ log_level = "debug"
         insecure_key_perms=True, cache_size=2**30, verify="full", allow_plain=True, allow_other=True,
         foreground=True, policy="/etc/ctfs/policy.rego", labels={"env": "prod", "site": "fra1"},
         audit_log="/var/log/ctfs/audit.jsonl", hide_denied=True, policy_cache_ttl=30.0, threads=8,
-        log_level="debug",
+        log_level="debug", follow=["/var/cache/hf/models--acme--llama"],
     )
     assert isinstance(config.policy_cache_ttl, float)
 

@@ -12,7 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_keys, write_plain
-from mounting import CHILD_TIMEOUT, call_with_timeout, mounted, requires_fuse, write_key_file
+from mounting import (
+    CHILD_TIMEOUT,
+    call_with_timeout,
+    mounted,
+    requires_fuse,
+    write_key_file,
+)
 
 from ctfs.files.encrypt import EncryptOptions, encrypt_file
 
@@ -129,7 +135,8 @@ def test_a_safe_open_holder_reads_the_tensors_of_the_version_it_opened(world):
     with mounted(src, tmp / "mnt", "--keys", str(key_file)) as mount:
         def publish_two() -> None:
             publish(tmp, keys, src, 2)
-            assert read_all(mount.path(NAME)) == publish(tmp, keys, src, 3)
+            v3 = publish(tmp, keys, src, 3)
+            assert read_all(mount.path(NAME)) == v3
 
         out = hold_while("safe_open", mount.path(NAME), publish_two)
     expected = version_tensors(1)

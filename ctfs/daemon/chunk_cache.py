@@ -7,7 +7,7 @@ import logging
 import mmap
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class ChunkCache:
     copied out; the bound holds for every unpinned chunk, and pins last one memmove.
     """
 
-    def __init__(self, capacity: int, readahead_workers: int = 1):
+    def __init__(self, capacity: int):
         self.capacity = capacity
         self._entries: OrderedDict[Hashable, Chunk] = OrderedDict()
         self._in_flight: dict[Hashable, _InFlight] = {}
@@ -82,39 +82,36 @@ class ChunkCache:
         self._served_whole: OrderedDict[Hashable, None] = OrderedDict()
         self._size = 0
         self._mutex = threading.Lock()
-        self._prefetcher = ThreadPoolExecutor(readahead_workers, thread_name_prefix="ctfs-readahead")
+        # One worker: a second measured no faster on 2 cores, and readers decrypt what they wait for themselves.
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="ctfs-readahead")
         # Counters for benchmarks and tests: how much work the cache saved or did.
         self.decrypted_bytes = 0
         self.hits = 0
 
     def acquire(self, key: Hashable, length: int, fill: Fill) -> Chunk:
         """The chunk for `key`, pinned: cached, awaited if being decrypted, else decrypted here by `fill`.
-        The caller must `release` it."""
-        for _ in range(2):
-            with self._mutex:
-                chunk = self._entries.get(key)
-                if chunk is not None:
-                    self._entries.move_to_end(key)
-                    chunk.pins += 1
-                    self.hits += 1
-                    return chunk
-                flight = self._in_flight.get(key)
-                if flight is None:
-                    flight = self._in_flight[key] = _InFlight()
-                    self._served_whole.pop(key, None)  # asked for again: read-ahead may fetch it once more
-                    owner = True
-                else:
-                    flight.waiters += 1
-                    owner = False
-            if owner:
-                return self._load(key, flight, length, fill, pin=True)
-            flight.done.wait()
-            if flight.error is None:
-                return flight.chunk
-            # Another reader's decryption failed. It may have used a file that closed under it (a
-            # read-ahead outliving its handle), so decrypt once with this reader's own file before
-            # failing: a genuine tag failure fails again, here.
-        raise flight.error
+        The caller must `release` it. A failed decryption fails every reader waiting for it."""
+        with self._mutex:
+            chunk = self._entries.get(key)
+            if chunk is not None:
+                self._entries.move_to_end(key)
+                chunk.pins += 1
+                self.hits += 1
+                return chunk
+            flight = self._in_flight.get(key)
+            if flight is None:
+                flight = self._in_flight[key] = _InFlight()
+                self._served_whole.pop(key, None)  # asked for again: read-ahead may fetch it once more
+                owner = True
+            else:
+                flight.waiters += 1
+                owner = False
+        if owner:
+            return self._load(key, flight, length, fill, pin=True)
+        flight.done.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.chunk
 
     def release(self, chunk: Chunk, served: int = 0) -> None:
         """Unpin `chunk`, of which `served` bytes were copied out. A chunk served whole is evicted first:
@@ -208,14 +205,15 @@ class ChunkCache:
         while len(self._pool) > POOL_BUFFERS:
             self._pool.popleft()
 
-    def prefetch(self, jobs: Iterable[tuple[Hashable, int, Fill]]) -> None:
-        """Decrypt chunks a sequential reader will want next, in the background."""
-        for key, length, fill in jobs:
-            with self._mutex:
-                if key in self._entries or key in self._in_flight or key in self._served_whole:
-                    continue
-                flight = self._in_flight[key] = _InFlight()
-            self._prefetcher.submit(self._prefetch_one, key, flight, length, fill)
+    def prefetch(self, key: Hashable, length: int, fill: Fill) -> bool:
+        """Decrypt a chunk a sequential reader will want next, in the background. True if queued: `fill` is
+        then called exactly once; False if the chunk is cached, in flight, or was recently served whole."""
+        with self._mutex:
+            if key in self._entries or key in self._in_flight or key in self._served_whole:
+                return False
+            flight = self._in_flight[key] = _InFlight()
+        self._prefetcher.submit(self._prefetch_one, key, flight, length, fill)
+        return True
 
     def _prefetch_one(self, key: Hashable, flight: _InFlight, length: int, fill: Fill) -> None:
         try:

@@ -64,6 +64,8 @@ class MountConfig:
     hide_denied: bool = False
     # Seconds a policy decision is reused before it is evaluated again.
     policy_cache_ttl: float = 5.0
+    # Roots besides the source that symlinks in it may point into (a Hugging Face cache's models--org--name).
+    follow: list[str] = field(default_factory=list)
     # FUSE worker threads; None lets the daemon choose.
     threads: int | None = None
     log_level: str = "info"
@@ -164,10 +166,10 @@ _CHECKS: dict[str, Callable[[object], object]] = {
     "cache_size": _cache_size, "verify": _choice(VERIFY_MODES), "allow_plain": _boolean,
     "allow_other": _boolean, "foreground": _boolean, "policy": _string, "labels": _labels,
     "audit_log": _string, "hide_denied": _boolean, "policy_cache_ttl": _seconds,
-    "threads": _threads, "log_level": _choice(LOG_LEVELS),
+    "threads": _threads, "log_level": _choice(LOG_LEVELS), "follow": _strings,
 }
 # Fields naming local files; key_command and allow_jku are a command line and URL prefixes, not paths.
-_PATH_FIELDS = frozenset({"source", "mountpoint", "keys", "trust", "policy", "audit_log"})
+_PATH_FIELDS = frozenset({"source", "mountpoint", "keys", "trust", "policy", "audit_log", "follow"})
 
 
 def _absolute(path: str, base_dir: Path) -> str:

@@ -1,27 +1,34 @@
-"""FUSE operations: translate each callback into a call on the content model, and errors into errnos."""
+"""FUSE operations: translate each low-level request into a call on the content model, and its outcome into a
+reply (an entry, attributes, bytes or an errno). Node ids, file handles, st_* fields and buffer addresses
+live here and nowhere else."""
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable
-from ctypes.util import find_library
 
-# mfusepy takes libfuse2 when both are installed; libfuse3 sends 1 MiB read requests where libfuse2 is
-# stuck at 128 KiB (measured 1.3-1.4x sequential). It reads the choice at import, hence before it.
-if not (os.environ.get("FUSE_LIBRARY_NAME") or os.environ.get("FUSE_LIBRARY_PATH")) and find_library("fuse3"):
-    os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
-
-import mfusepy  # noqa: E402
-
+from ctfs.daemon import lowlevel as ll
 from ctfs.daemon.mountpoint import PID_XATTR
-from ctfs.daemon.source import Handle, ModelSource, errno_of
-from ctfs.errors import CtfsError
-from ctfs.policy.context import Reader
+from ctfs.daemon.nodes import NodeTable
+from ctfs.daemon.served import OpenVersion
+from ctfs.daemon.source import Entry, Kind, ModelSource
+from ctfs.errors import (
+    AccessDenied,
+    CtfsError,
+    KeyUnavailable,
+    PlainFileError,
+    StaleVersion,
+    UntrustedSigner,
+)
+from ctfs.policy.context import Reader, path_text
 
 log = logging.getLogger(__name__)
 
@@ -32,131 +39,251 @@ MAX_BACKGROUND = 64
 # JSON work counters of the daemon (bytes served and decrypted, requests), read on the mount's root.
 STATS_XATTR = "user.ctfs.stats"
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
+FILE_MODE = stat.S_IFREG | 0o444
+DIR_MODE = stat.S_IFDIR | 0o555
+# A file node is one version: its attributes never change, so the kernel may keep them. Names are looked up
+# again at every open (entry timeout 0), which is how a replaced source reaches the next reader at once.
+FILE_ATTR_TIMEOUT = 3600.0
+DIR_ATTR_TIMEOUT = 1.0
+ENTRY_TIMEOUT = 0.0
 
 
-class DirectReadFUSE(mfusepy.FUSE):
-    """mfusepy's read callback copies the bytes an operation returns into libfuse's buffer. Handing the
-    buffer address to the operation instead lets it copy decrypted chunks straight in, saving two
-    copies per request (measured 2x). This relies on mfusepy 3.1.1 internals, hence the pinned version."""
+def errno_of(exc: BaseException) -> int:
+    """What a reader sees: refusals are EACCES, a version that changed under an open ESTALE (the kernel then
+    looks the name up again), corrupt or tampered data EIO."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    if isinstance(exc, (KeyUnavailable, AccessDenied, PlainFileError, UntrustedSigner)):
+        return errno.EACCES
+    if isinstance(exc, StaleVersion):
+        return errno.ESTALE
+    return errno.EIO
 
-    def read(self, path, buf, size, offset, fip):  # overrides mfusepy's wrapper of the read callback
-        address = ctypes.cast(buf, ctypes.c_void_p).value
-        return self.operations.read(fip.contents, address, size, offset)
+
+def _replying(method: Callable) -> Callable:
+    """Every request gets exactly one reply: an exception becomes an errno reply (logged when it is ours)."""
+
+    @functools.wraps(method)
+    def handler(self: Operations, req: int, *args: object) -> None:
+        try:
+            method(self, req, *args)
+        except BaseException as exc:  # nothing may escape into libfuse's thread
+            code = errno_of(exc)
+            if isinstance(exc, CtfsError):
+                log.error("%s refused (%s): %s", method.__name__, errno.errorcode.get(code, code), exc)
+            elif not isinstance(exc, OSError):
+                log.exception("%s failed", method.__name__)
+            ll.libfuse.fuse_reply_err(req, code)
+
+    return handler
 
 
-class CtfsOperations(mfusepy.Operations):
-    """Read-only operations over a ModelSource. Attribute names matter: mfusepy registers every
-    attribute named like a FUSE operation, so helpers here must not be called e.g. `lock`."""
-
-    use_ns = True
+class Operations:
+    """Read-only low-level operations over a ModelSource; `struct` is what libfuse calls."""
 
     def __init__(self, source: ModelSource, on_init: Callable[[], None]):
         self.source = source
+        self.nodes = NodeTable(source.root_entry())
         self._on_init = on_init
-        self._handles: dict[int, Handle] = {}
+        self._files: dict[int, OpenVersion] = {}
+        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
-        self._handles_mutex = threading.Lock()
+        self._mutex = threading.Lock()
+        # libfuse calls these from its own threads: they must live as long as the session does.
+        self._callbacks = {name: kind(getattr(self, name)) for name, kind in ll.LowLevelOps._fields_
+                           if name in _IMPLEMENTED}
+        self.struct = ll.LowLevelOps(**self._callbacks)
 
-    def init_with_config(self, conn, config) -> None:
-        if conn is not None:
-            conn.max_readahead = MAX_READAHEAD
-            conn.max_background = MAX_BACKGROUND
-            conn.congestion_threshold = MAX_BACKGROUND * 3 // 4
-        if config is not None:
-            config.kernel_cache = 0  # per-open keep_cache decides, so a changed source is re-read
-            # Each open looks its name up again, so a replaced source's size and mtime reach the kernel
-            # then; with the default 1 s the kernel kept the old size and cut the new file short.
-            config.entry_timeout = 0.0
-            config.use_ino = 0
+    # -- life --------------------------------------------------------------------------------------
+    def init(self, userdata: int, conn) -> None:
+        info = conn.contents
+        info.max_readahead = MAX_READAHEAD
+        info.max_background = MAX_BACKGROUND
+        info.congestion_threshold = MAX_BACKGROUND * 3 // 4
         self._on_init()
 
-    def destroy(self, path: str) -> None:
-        for handle in list(self._handles.values()):
-            self.source.release(handle)
-        self._handles.clear()
+    def destroy(self, userdata: int) -> None:
+        with self._mutex:
+            files, self._files = list(self._files.values()), {}
+        for version in files:
+            version.let_go()
 
-    def getattr(self, path: str, fh=None) -> dict[str, int]:
+    # -- names -------------------------------------------------------------------------------------
+    @_replying
+    def lookup(self, req: int, parent: int, name: bytes) -> None:
+        directory = self.nodes[parent]
+        path = directory.path.rstrip("/") + "/" + os.fsdecode(name)
+        entry = self.source.child(directory.entry, os.fsdecode(name), path)
+        if self.source.hidden(path, entry, _reader(req)):
+            raise FileNotFoundError(errno.ENOENT, "hidden by policy", path)
+        node = self.nodes.looked_up(path, entry)
+        param = ll.EntryParam(ino=node.ino, generation=0, attr_timeout=_attr_timeout(entry),
+                              entry_timeout=ENTRY_TIMEOUT)
+        _fill_stat(param.attr, node.ino, entry)
+        if ll.libfuse.fuse_reply_entry(req, ctypes.byref(param)) != 0:
+            self.nodes.forget(node.ino, 1)  # the kernel never got it (the request was interrupted)
+
+    def forget(self, req: int, ino: int, count: int) -> None:
+        self.nodes.forget(ino, count)
+        ll.libfuse.fuse_reply_none(req)
+
+    def forget_multi(self, req: int, count: int, items) -> None:
+        for i in range(count):
+            self.nodes.forget(items[i].ino, items[i].nlookup)
+        ll.libfuse.fuse_reply_none(req)
+
+    @_replying
+    def getattr(self, req: int, ino: int, fi) -> None:
+        node = self.nodes[ino]
+        entry = node.entry
+        if entry.kind is Kind.DIRECTORY:  # a directory's times and owner change over its life: ask again
+            st = os.stat(entry.real)
+            entry = dataclasses.replace(entry, uid=st.st_uid, gid=st.st_gid,
+                                        times_ns=(st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns))
+        attr = _fill_stat(ll.Stat(), ino, entry)
+        ll.libfuse.fuse_reply_attr(req, ctypes.byref(attr), _attr_timeout(entry))
+
+    @_replying
+    def access(self, req: int, ino: int, mask: int) -> None:
+        ll.libfuse.fuse_reply_err(req, errno.EROFS if mask & os.W_OK else 0)
+
+    @_replying
+    def statfs(self, req: int, ino: int) -> None:
+        ll.reply_statfs(req, self.source.statfs())
+
+    # -- files -------------------------------------------------------------------------------------
+    @_replying
+    def open(self, req: int, ino: int, fi) -> None:
+        info = fi.contents
+        if info.flags & WRITE_FLAGS:
+            raise OSError(errno.EROFS, "read-only")
+        node = self.nodes[ino]
         try:
-            if fh is None and self.source.hidden(path, _reader()):
-                raise FileNotFoundError(errno.ENOENT, "hidden by policy", path)
-            return self.source.getattr(path)
-        except OSError as exc:
-            raise mfusepy.FuseOSError(exc.errno or errno.EIO) from None
+            version = self.source.open(node.path, node.entry, _reader(req))
+        except CtfsError as exc:
+            code = errno_of(exc)
+            log.error("open %s refused (%s): %s", path_text(node.path), errno.errorcode.get(code, code), exc)
+            raise OSError(code, str(exc)) from None
+        fh = self._register(self._files, version)
+        info.fh = fh
+        info.keep_cache = 1  # this node is one version: its cached pages stay right for every later open
+        info.direct_io = 0
+        if ll.libfuse.fuse_reply_open(req, fi) != 0:  # interrupted: the kernel will never release it
+            self._files.pop(fh, None)
+            version.let_go()
 
-    def readdir(self, path: str, fh) -> list[str]:
+    @_replying
+    def read(self, req: int, ino: int, size: int, offset: int, fi) -> None:
+        version = self._files.get(fi.contents.fh)
+        if version is None:
+            raise OSError(errno.EBADF, "no such open file")
         try:
-            reader = _reader()
-            names = [n for n in self.source.readdir(path)
-                     if not self.source.hidden(f"{path.rstrip('/')}/{n}", reader)]
-            return [".", "..", *names]
-        except OSError as exc:
-            raise mfusepy.FuseOSError(exc.errno or errno.EIO) from None
+            segments = version.read(offset, size)
+        except CtfsError as exc:
+            log.error("read of %d bytes at %d of %s failed: %s", size, offset,
+                      path_text(self.nodes[ino].path), exc)
+            raise OSError(errno.EIO, str(exc)) from None
+        try:
+            ll.reply_segments(req, segments.views)
+            self.source.count_served(segments.size)
+        finally:
+            segments.close()
 
-    def statfs(self, path: str) -> dict[str, int]:
-        return self.source.statfs()
+    @_replying
+    def release(self, req: int, ino: int, fi) -> None:
+        with self._mutex:
+            version = self._files.pop(fi.contents.fh, None)
+        if version is not None:
+            version.let_go()
+        ll.libfuse.fuse_reply_err(req, 0)
 
-    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+    # -- directories -------------------------------------------------------------------------------
+    @_replying
+    def opendir(self, req: int, ino: int, fi) -> None:
+        node = self.nodes[ino]
+        if node.entry.kind is not Kind.DIRECTORY:
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", node.path)
+        listing = [(b".", stat.S_IFDIR), (b"..", stat.S_IFDIR)] + [
+            (os.fsencode(name), stat.S_IFDIR if entry.kind is Kind.DIRECTORY else stat.S_IFREG)
+            for name, entry in self.source.listing(node.entry, node.path, _reader(req))
+        ]
+        fi.contents.fh = self._register(self._dirs, listing)
+        ll.libfuse.fuse_reply_open(req, fi)
+
+    @_replying
+    def readdir(self, req: int, ino: int, size: int, offset: int, fi) -> None:
+        listing = self._dirs.get(fi.contents.fh, [])
+        buf = ctypes.create_string_buffer(size)
+        used = 0
+        st = ll.Stat()
+        for index in range(offset, len(listing)):
+            name, mode = listing[index]
+            st.st_ino, st.st_mode = index + 1, mode  # the kernel takes only the type from st_mode here
+            need = ll.libfuse.fuse_add_direntry(req, ctypes.byref(buf, used), size - used, name, ctypes.byref(st),
+                                                index + 1)
+            if need > size - used:
+                break
+            used += need
+        ll.libfuse.fuse_reply_buf(req, buf, used)
+
+    @_replying
+    def releasedir(self, req: int, ino: int, fi) -> None:
+        with self._mutex:
+            self._dirs.pop(fi.contents.fh, None)
+        ll.libfuse.fuse_reply_err(req, 0)
+
+    # -- attributes ----------------------------------------------------------------------------------
+    @_replying
+    def getxattr(self, req: int, ino: int, name: bytes, size: int) -> None:
         # Lets `ctfs umount` and `ctfs reload` find this daemon from the mount point alone.
-        if path == "/" and name == PID_XATTR:
-            return str(os.getpid()).encode()
-        if path == "/" and name == STATS_XATTR:
-            return json.dumps(self.source.stats()).encode()
-        raise mfusepy.FuseOSError(errno.ENODATA)
+        if ino == ll.ROOT_INO and name == PID_XATTR.encode():
+            value = str(os.getpid()).encode()
+        elif ino == ll.ROOT_INO and name == STATS_XATTR.encode():
+            value = json.dumps(self.source.stats()).encode()
+        else:
+            raise OSError(errno.ENODATA, "no such attribute")
+        if size == 0:
+            ll.libfuse.fuse_reply_xattr(req, len(value))
+        elif size < len(value):
+            raise OSError(errno.ERANGE, "buffer too small")
+        else:
+            ll.libfuse.fuse_reply_buf(req, value, len(value))
 
-    def listxattr(self, path: str) -> list[str]:
-        return []
+    @_replying
+    def listxattr(self, req: int, ino: int, size: int) -> None:
+        if size == 0:
+            ll.libfuse.fuse_reply_xattr(req, 0)
+        else:
+            ll.libfuse.fuse_reply_buf(req, None, 0)
 
-    def access(self, path: str, amode: int) -> int:
-        if amode & os.W_OK:
-            raise mfusepy.FuseOSError(errno.EROFS)
-        return 0
-
-    def open(self, path: str, fi) -> int:
-        if fi.flags & WRITE_FLAGS:
-            raise mfusepy.FuseOSError(errno.EROFS)
-        try:
-            handle = self.source.open(path, _reader())
-        except (CtfsError, OSError) as exc:
-            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno_of(exc)
-            log.error("open %s refused (%s): %s", path, errno.errorcode.get(code, code), exc)
-            raise mfusepy.FuseOSError(code) from None
-        with self._handles_mutex:
-            fh = self._next_fh
-            self._next_fh += 1
-            self._handles[fh] = handle
-        fi.fh = fh
-        fi.keep_cache = 1 if handle.keep_cache else 0
-        fi.direct_io = 0
-        return 0
-
-    def read(self, fi, address: int, size: int, offset: int) -> int:
-        """Called by DirectReadFUSE with libfuse's buffer address, not mfusepy's (path, size, offset, fh)."""
-        handle = self._handles.get(fi.fh)
-        if handle is None:
-            return -errno.EBADF
-        try:
-            return self.source.read_into(handle, address, size, offset)
-        except (CtfsError, OSError) as exc:
-            log.error("read of %d bytes at %d failed: %s", size, offset, exc)
-            return -errno.EIO
-
-    def release(self, path: str, fi) -> int:
-        with self._handles_mutex:
-            handle = self._handles.pop(fi.fh, None)
-        if handle is not None:
-            self.source.release(handle)
-        return 0
+    def _register(self, table: dict, value: object) -> int:
+        with self._mutex:
+            fh, self._next_fh = self._next_fh, self._next_fh + 1
+            table[fh] = value
+        return fh
 
 
-def _reader() -> Reader:
-    """The process behind the current FUSE request."""
-    uid, gid, pid = mfusepy.fuse_get_context()
-    return Reader(pid=pid, uid=uid, gid=gid)
+_IMPLEMENTED = ("init", "destroy", "lookup", "forget", "forget_multi", "getattr", "access", "statfs", "open",
+                "read", "release", "opendir", "readdir", "releasedir", "getxattr", "listxattr")
 
 
-def serve(ops: CtfsOperations, mountpoint: str, *, fsname: str, allow_other: bool) -> None:
-    """Mount and serve until unmounted or signalled (blocks). Multi-threaded, read-only."""
-    options = dict(fsname=fsname, subtype="ctfs", ro=True, default_permissions=True, foreground=True)
-    if allow_other:
-        options["allow_other"] = True
-    DirectReadFUSE(ops, mountpoint, raw_fi=True, **options)
+def _reader(req: int) -> Reader:
+    """The process behind a request."""
+    ctx = ll.request_context(req)
+    return Reader(pid=ctx.pid, uid=ctx.uid, gid=ctx.gid)
+
+
+def _attr_timeout(entry: Entry) -> float:
+    return DIR_ATTR_TIMEOUT if entry.kind is Kind.DIRECTORY else FILE_ATTR_TIMEOUT
+
+
+def _fill_stat(st: ll.Stat, ino: int, entry: Entry) -> ll.Stat:
+    directory = entry.kind is Kind.DIRECTORY
+    return ll.fill_stat(st, ino=ino, mode=DIR_MODE if directory else FILE_MODE, size=entry.size,
+                        nlink=2 if directory else 1, uid=entry.uid, gid=entry.gid, times_ns=entry.times_ns)
+
+
+def mount_options(*, fsname: str, allow_other: bool, subtype: str = "ctfs") -> list[str]:
+    options = [f"fsname={fsname}", f"subtype={subtype}", "ro", "default_permissions"]
+    return options + ["allow_other"] if allow_other else options
+

@@ -15,7 +15,8 @@ from pathlib import Path
 from ctfs.daemon import sdnotify
 from ctfs.daemon.chunk_cache import ChunkCache
 from ctfs.daemon.config import AUDIT_TO_JOURNAL, MountConfig
-from ctfs.daemon.fuse_ops import CtfsOperations, serve
+from ctfs.daemon.fuse_ops import Operations, mount_options
+from ctfs.daemon.lowlevel import Session
 from ctfs.daemon.mountpoint import (
     abort_and_detach,
     ask_daemon_pid,
@@ -87,7 +88,7 @@ class Daemon:
         self.source = ModelSource(
             config.source, build_keys(config), self.cache,
             SourceOptions(allow_plain=config.allow_plain, verify_full=config.verify == "full",
-                          hide_denied=config.hide_denied),
+                          hide_denied=config.hide_denied, follow=tuple(config.follow)),
             build_gate(config),
         )
         self.watchdog = sdnotify.Watchdog(healthy=self._healthy)
@@ -179,18 +180,24 @@ class Daemon:
         self._prepare_mountpoint()
         if self.stop_requested.is_set():
             return
-        ops = CtfsOperations(self.source, self._on_init)
+        ops = Operations(self.source, self._on_init)
+        session = Session(ops.struct, mount_options(fsname="ctfs", allow_other=self.config.allow_other))
         try:
-            serve(ops, self.mountpoint, fsname="ctfs", allow_other=self.config.allow_other)
-        except RuntimeError as exc:
-            raise CtfsError(f"libfuse could not mount {self.mountpoint} (status {exc})") from None
+            session.mount(self.mountpoint)
+            session.serve(max_threads=self.config.threads or default_threads(), clone_fd=False)
         finally:
             sdnotify.stopping()
             self.watchdog.stop()
+            session.close()
             self.cache.close()
         if not self.ready.is_set() and not self.stop_requested.is_set():
             raise CtfsError(f"could not mount {self.mountpoint} (see the messages above)")
         log.info("unmounted %s", self.mountpoint)
+
+
+def default_threads() -> int:
+    """FUSE worker threads: readers waiting on a chunk's decryption hold one each, so more than cores."""
+    return max(8, 2 * (os.cpu_count() or 1))
 
 
 def _report_to_parent(message: str) -> bool:
@@ -208,8 +215,6 @@ def _report_to_parent(message: str) -> bool:
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(stream=sys.stderr, level=level.upper(), format="ctfs[%(process)d]: %(levelname)s %(message)s")
-    # mfusepy logs every refused operation with a traceback at debug level only; keep it quiet.
-    logging.getLogger("mfusepy").setLevel(logging.WARNING if level != "debug" else logging.DEBUG)
 
 
 def run_foreground(config: MountConfig) -> None:

@@ -16,16 +16,18 @@ from ctfs.format.header import (
 
 @dataclass(frozen=True)
 class FileIdentity:
-    """What makes two opens see the same bytes: a changed source gets a new identity."""
+    """What makes two opens see the same bytes: a changed source gets a new identity. The ctime is in it
+    because user space can put back a rewritten file's mtime (os.utime) but never its ctime."""
 
     device: int
     inode: int
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileIdentity:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def pread_exact(fd: int, length: int, offset: int, source: str) -> bytes:

@@ -6,6 +6,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from ctfs.errors import FormatError
@@ -59,16 +60,26 @@ class Header:
     def file_size(self) -> int:
         return self.data_start + self.data_size
 
-    @property
+    @cached_property
     def by_offset(self) -> tuple[TensorInfo, ...]:
         # A stable sort keeps raw order among zero-size ties: that is the order a writer signed.
         return tuple(sorted(self.tensors, key=lambda t: (t.start, t.end)))
 
+    @cached_property
+    def _by_name(self) -> dict[str, TensorInfo]:
+        return {info.name: info for info in self.tensors}
+
     def tensor(self, name: str) -> TensorInfo:
-        for info in self.tensors:
-            if info.name == name:
-                return info
-        raise KeyError(name)
+        return self._by_name[name]
+
+
+def looks_like_safetensors(start: bytes, file_size: int) -> bool:
+    """Whether a file's first bytes (at least 9) are a safetensors prefix: a length that fits the file and the
+    opening brace of a JSON header. Content decides, not the file's name: a renamed file is still safetensors."""
+    if len(start) <= HEADER_PREFIX_SIZE:
+        return False
+    (size,) = struct.unpack("<Q", start[:HEADER_PREFIX_SIZE])
+    return 2 <= size <= min(MAX_HEADER_SIZE, file_size - HEADER_PREFIX_SIZE) and start[HEADER_PREFIX_SIZE:][:1] == b"{"
 
 
 def read_header_size(prefix: bytes, source: str) -> int:

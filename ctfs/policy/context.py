@@ -53,7 +53,8 @@ def build_input(
     process = process_info(reader.pid) | {"uid": reader.uid, "gid": reader.gid}
     return {
         "process": process,
-        "file": {"path": file, "name": posixpath.basename(file), "model_dir": model_dir},
+        "file": {"path": path_text(file), "name": path_text(posixpath.basename(file)),
+                 "model_dir": path_text(model_dir), "utf8": is_utf8(file)},
         "time": {"rfc3339": _rfc3339(moment), "unix": int(moment.timestamp())},
         "host": host_info(),
         "labels": dict(labels),
@@ -137,6 +138,21 @@ def _read_bytes(path: str) -> bytes | None:
 def _read_text(path: str) -> str | None:
     raw = _read_bytes(path)
     return None if raw is None else _decode(raw)
+
+
+def is_utf8(path: str) -> bool:
+    """Whether a path (as os.fsdecode gives it) was valid UTF-8 on disk."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def path_text(path: str) -> str:
+    """A path as policies and logs see it: valid UTF-8 unchanged; each byte that is not UTF-8 written as
+    the four characters \\xHH. Never a lone surrogate, which crashes the Rego engine."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _decode(raw: bytes) -> str:

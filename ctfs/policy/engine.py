@@ -73,6 +73,8 @@ def _denial(text: str, input_doc: dict) -> str | None:
 def _verdict(text: str, input_doc: dict) -> str | None:
     """Run on the policy thread: None when the module allows, otherwise why it does not."""
     try:
+        # The engine dies (SIGSEGV) on a str holding lone surrogates: refuse such input as an error here.
+        json.dumps(input_doc, ensure_ascii=False).encode("utf-8")
         engine = _engine_for(text)
         engine.set_input(input_doc)
         result = engine.eval_rule(RULE)

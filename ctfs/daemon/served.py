@@ -1,0 +1,161 @@
+"""One open version of a served file: the bytes the mount serves for any range of it, decrypted through the
+shared chunk cache (encrypted files) or read as they are (everything else)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+from ctfs.daemon.chunk_cache import Chunk, ChunkCache
+from ctfs.files.encrypted import EncryptedFile
+from ctfs.files.fileio import FileIdentity
+from ctfs.format.view import ChunkPiece, HeaderPiece
+
+# v1 tensors have no chunk size; read-ahead looks this far for the next ones.
+READAHEAD_V1_SPAN = 4 * 1024 * 1024
+
+
+class Segments:
+    """The bytes of one read, as buffers in order; `close` unpins the cached chunks among them once the
+    kernel has copied them out."""
+
+    __slots__ = ("views", "_pinned", "_cache")
+
+    def __init__(self, views: list[memoryview], pinned: list[tuple[Chunk, int]] = (), cache: ChunkCache | None = None):
+        self.views = views
+        self._pinned = pinned
+        self._cache = cache
+
+    @property
+    def size(self) -> int:
+        return sum(len(v) for v in self.views)
+
+    def close(self) -> None:
+        for chunk, served in self._pinned:
+            self._cache.release(chunk, served)
+        self._pinned = ()
+
+
+class OpenVersion:
+    """A reference-counted open file: its descriptor closes when the last user lets go, never under a read
+    or a read-ahead job (each holds a reference while it runs)."""
+
+    def __init__(self, identity: FileIdentity):
+        self.identity = identity
+        self._refs = 1  # the handle's own
+        self._refs_mutex = threading.Lock()
+
+    def hold(self) -> bool:
+        """Take a reference for a job; False once the file has closed."""
+        with self._refs_mutex:
+            if self._refs == 0:
+                return False
+            self._refs += 1
+            return True
+
+    def let_go(self) -> None:
+        with self._refs_mutex:
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            self._close()
+
+    def read(self, offset: int, size: int) -> Segments:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+
+class PassthroughFile(OpenVersion):
+    """A file served as it is in the source (config, tokenizer, index; plain safetensors with --allow-plain)."""
+
+    def __init__(self, fd: int, identity: FileIdentity):
+        super().__init__(identity)
+        self._fd = fd
+
+    def read(self, offset: int, size: int) -> Segments:
+        buf = bytearray(size)
+        count = os.preadv(self._fd, [buf], offset)
+        return Segments([memoryview(buf)[:count]])
+
+    def _close(self) -> None:
+        os.close(self._fd)
+
+
+class PlainView(OpenVersion):
+    """An encrypted file served as its plain safetensors view; chunks come from the shared cache, and a
+    sequential reader gets the next chunks decrypted ahead of it."""
+
+    def __init__(self, encrypted: EncryptedFile, cache: ChunkCache, readahead_chunks: int):
+        super().__init__(encrypted.identity)
+        self.encrypted = encrypted
+        self._cache = cache
+        self._readahead_chunks = readahead_chunks
+        self._prefix = memoryview(bytearray(encrypted.view.prefix))  # writable: the kernel copies from it
+        self._next_offset = -1  # where a sequential reader will read next
+        self._position_mutex = threading.Lock()
+
+    def read(self, offset: int, size: int) -> Segments:
+        views: list[memoryview] = []
+        pinned: list[tuple[Chunk, int]] = []
+        segments = Segments(views, pinned, self._cache)
+        try:
+            for piece in self.encrypted.view.pieces(offset, size):
+                if isinstance(piece, ChunkPiece):
+                    chunk = self._cache.acquire(self._key(piece.tensor, piece.index),
+                                                self.encrypted.chunk_size(piece.tensor, piece.index),
+                                                self._filler(piece.tensor, piece.index))
+                    pinned.append((chunk, piece.length))
+                    views.append(chunk.view()[piece.skip:piece.skip + piece.length])
+                elif isinstance(piece, HeaderPiece):
+                    views.append(self._prefix[piece.start:piece.start + piece.length])
+                else:  # a tensor stored in plaintext
+                    views.append(memoryview(bytearray(self.encrypted.read_stored(piece.data_offset, piece.length))))
+        except BaseException:
+            segments.close()
+            raise
+        self._read_ahead(offset, segments.size)
+        return segments
+
+    def _key(self, tensor: str, index: int) -> tuple:
+        return (self.identity, tensor, index)
+
+    def _filler(self, tensor: str, index: int) -> Callable[[memoryview], None]:
+        return lambda out: self.encrypted.decrypt_chunk_into(tensor, index, out)
+
+    def _read_ahead(self, offset: int, length: int) -> None:
+        """On sequential access, decrypt the chunks after this read before the reader asks for them."""
+        with self._position_mutex:
+            sequential = offset == self._next_offset
+            self._next_offset = offset + length
+        if not sequential or not self._readahead_chunks:
+            return
+        # Look no further than the chunks wanted, and never so far that read-ahead evicts itself.
+        span = self._readahead_chunks * (self.encrypted.crypto.chunk_size or READAHEAD_V1_SPAN)
+        wanted: list[tuple[str, int]] = []
+        for piece in self.encrypted.view.pieces(offset + length, min(span, self._cache.capacity // 2)):
+            if isinstance(piece, ChunkPiece) and (piece.tensor, piece.index) not in wanted:
+                wanted.append((piece.tensor, piece.index))
+                if len(wanted) == self._readahead_chunks:
+                    break
+        for tensor, index in wanted:
+            if not self.hold():
+                return
+            queued = self._cache.prefetch(self._key(tensor, index), self.encrypted.chunk_size(tensor, index),
+                                          self._held_filler(tensor, index))
+            if not queued:
+                self.let_go()
+
+    def _held_filler(self, tensor: str, index: int) -> Callable[[memoryview], None]:
+        """A read-ahead job's decryption, which lets go of the reference taken for it when done."""
+        def fill(out: memoryview) -> None:
+            try:
+                self.encrypted.decrypt_chunk_into(tensor, index, out)
+            finally:
+                self.let_go()
+        return fill
+
+    def _close(self) -> None:
+        self.encrypted.close()
