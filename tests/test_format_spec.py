@@ -301,14 +301,53 @@ def test_unknown_entry_fields_and_surplus_tags_are_ignored(tmp_path, keys):
     np.testing.assert_array_equal(load_upstream(path, keys)["w"], tensors["w"])
 
 
+def test_a_partial_surplus_tag_is_ignored_too(tmp_path, keys):
+    """Upstream only reads the tags it needs; ctfs is stricter here and refuses (docs/format.md §5.2)."""
+    tensors = {"t": np.arange(20, dtype=np.uint8)}
+    path = write_upstream(tmp_path / "m.ct", tensors, keys, chunk_size=10)
+    edit_header(path, lambda h: edit_json_field(h, "__encryption__", lambda e: e["t"].update(
+        tags=b64(base64.b64decode(e["t"]["tags"]) + b"12345"))), sign_with=keys.seed)
+    assert len(base64.b64decode(crypto_of(split_file(path)[0])[1]["t"]["tags"])) == 37
+    np.testing.assert_array_equal(load_upstream(path, keys)["t"], tensors["t"])
+
+
+@pytest.mark.parametrize("side", ["local", "remote"])
+def test_policy_must_name_both_sides(tmp_path, keys, side):
+    tensors = {"t": np.arange(20, dtype=np.uint8)}
+    path = write_upstream(tmp_path / "m.ct", tensors, keys)
+    edit_header(path, lambda h: edit_json_field(h, "__policy__", lambda p: p.pop(side)), sign_with=keys.seed)
+    with pytest.raises(cryptotensors.SafetensorError, match=f"missing field `{side}`"):
+        load_upstream(path, keys)
+
+
+def test_policy_is_required_in_an_encrypted_file(tmp_path, keys):
+    path = write_upstream(tmp_path / "m.ct", {"t": np.arange(3, dtype=np.uint8)}, keys)
+    edit_header(path, lambda h: h["__metadata__"].pop("__policy__"), sign_with=keys.seed)
+    with pytest.raises(cryptotensors.SafetensorError, match="Missing __policy__"):
+        load_upstream(path, keys)
+
+
+@pytest.mark.parametrize(("version", "error"), [("3", "UnsupportedVersion"), (2, "MissingVersion")])
+def test_version_is_the_string_1_or_2(tmp_path, keys, version, error):
+    path = write_upstream(tmp_path / "m.ct", {"t": np.arange(3, dtype=np.uint8)}, keys)
+    edit_header(path, lambda h: edit_json_field(h, "__crypto_keys__", lambda k: k.update(version=version)),
+                sign_with=keys.seed)
+    with pytest.raises(cryptotensors.SafetensorError, match=error):
+        load_upstream(path, keys)
+
+
 # -- §6 base64 ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spelling", ["padded", "unpadded", "urlsafe"])
+B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+@pytest.mark.parametrize("spelling", ["padded", "unpadded", "urlsafe", "trailing-bits"])
 def test_header_base64_is_standard_and_padded(tmp_path, keys, spelling):
     tensors = {"t": np.arange(64, dtype=np.uint8)}  # 64 tags: 1368 characters, '+' or '/' all but certain
     path = write_upstream(tmp_path / "m.ct", tensors, keys, chunk_size=1)
     respell = {"padded": lambda v: v, "unpadded": lambda v: v.rstrip("="),
-               "urlsafe": lambda v: v.replace("+", "-").replace("/", "_")}[spelling]
+               "urlsafe": lambda v: v.replace("+", "-").replace("/", "_"),
+               "trailing-bits": lambda v: v[:-3] + B64[B64.index(v[-3]) ^ 1] + "=="}[spelling]
     original = crypto_of(split_file(path)[0])[1]["t"]["tags"]
     assert original.endswith("==")  # 1024 bytes
     edit_header(path, lambda h: edit_json_field(h, "__encryption__", lambda e: e["t"].update(tags=respell(original))),
@@ -316,8 +355,9 @@ def test_header_base64_is_standard_and_padded(tmp_path, keys, spelling):
     if spelling == "padded":  # the control: re-signing alone changes nothing
         np.testing.assert_array_equal(load_upstream(path, keys)["t"], tensors["t"])
         return
-    assert respell(original) != original and base64.b64decode(respell(original) + "==", altchars=b"-_") \
-        == base64.b64decode(original)
+    # Each respelling still decodes to the same bytes in a lenient decoder: only strictness can refuse it.
+    assert respell(original) != original
+    assert base64.b64decode(respell(original) + "==", altchars=b"-_") == base64.b64decode(original)
     with pytest.raises(cryptotensors.SafetensorError):
         load_upstream(path, keys)
 
@@ -377,6 +417,16 @@ def test_signature_covers_every_header_field(tmp_path, keys, edit):
 
 
 # -- §13 weaknesses, as the reference library shows them ----------------------------------------------
+
+def test_w8_what_the_canonical_form_drops_is_not_signed(tmp_path, keys):
+    """An extra field in a tensor entry is left out of the signing bytes, so adding one needs no key."""
+    tensors = {"t": np.arange(3, dtype=np.uint8)}
+    path = write_upstream(tmp_path / "m.ct", tensors, keys)
+    before = canonical_signing_bytes(split_file(path)[0])
+    edit_header(path, lambda h: h["t"].update(note="added later"))  # not re-signed
+    assert canonical_signing_bytes(split_file(path)[0]) == before
+    np.testing.assert_array_equal(load_upstream(path, keys)["t"], tensors["t"])
+
 
 def test_w2_plaintext_tensor_bytes_are_not_authenticated(tmp_path, keys):
     tensors = spec_tensors()
