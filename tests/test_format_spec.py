@@ -495,3 +495,18 @@ def test_w6_deserialize_returns_ciphertext_when_a_tag_fails(tmp_path, keys):
         print(bytes(got["w"]["data"]).hex(), bytes(got["one"]["data"]).hex())
     """, tmp_path)
     assert out.split() == [stored.hex(), tensors["one"].tobytes().hex()]
+
+
+def test_w17_rewrap_keeps_every_dek_and_data_byte(tmp_path, keys):
+    """Rotation re-wraps the same DEKs, so the old master key still opens the rewrapped data."""
+    path = write_upstream(tmp_path / "m.ct", spec_tensors(), keys, chunk_size=5)
+    old_header, old_data = split_file(path)
+    new = make_keys(seed=5, enc_kid="enc5", sign_kid="sign5")
+    cryptotensors.rewrap_file(str(path), new.config, keys.config)
+    new_header, new_data = split_file(path)
+    old_entries, new_entries = crypto_of(old_header)[1], crypto_of(new_header)[1]
+    assert new_data == old_data
+    for name, entry in new_entries.items():
+        assert entry["key_iv"] != old_entries[name]["key_iv"]
+        assert (entry["base_iv"], entry["tags"]) == (old_entries[name]["base_iv"], old_entries[name]["tags"])
+        assert unwrap(new, entry) == unwrap(keys, old_entries[name])
