@@ -308,7 +308,7 @@ def _warn_about_format(path: str, served: EncryptedFile) -> None:
         log.warning("%s: format v1 tensors are decrypted whole; re-encrypt with format 2 for large tensors", path)
     plain = [t.name for t in served.header.tensors if t.name not in ciphers and t.nbytes]
     if plain:
-        # The signature covers their header entries but not their bytes (FORMAT.md §13 W2).
+        # The signature covers their header entries but not their bytes (docs/format.md §13 W2).
         log.warning("%s: %d tensor(s) stored in plaintext are not authenticated (e.g. %r)", path, len(plain), plain[0])
 
 
