@@ -202,7 +202,7 @@ def read_raw(path: Path) -> tuple[dict[str, str] | None, dict[str, tuple[str, li
 
 
 def canonical_signing_bytes(header: dict) -> bytes:
-    """FORMAT.md §7 written out again, independently of ctfs: sorted metadata minus the signature, then
+    """docs/format.md §7 written out again, independently of ctfs: sorted metadata minus the signature, then
     tensors in (start, end) order with ties in header order, each as {dtype, shape, data_offsets}."""
     metadata = {k: v for k, v in sorted(header["__metadata__"].items()) if k != "__signature__"}
     entries = [(name, e) for name, e in header.items() if name != "__metadata__"]

@@ -1,4 +1,4 @@
-"""Strict parsing of the container header (FORMAT.md §1) and the crypto metadata (§§2-3, 5-6)."""
+"""Strict parsing of the container header (docs/format.md §1) and the crypto metadata (§§2-3, 5-6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Interoperability with the reference library, cryptotensors 0.2.3, in both directions (FORMAT.md §§1-9)."""
+"""Interoperability with the reference library, cryptotensors 0.2.3, in both directions (docs/format.md §§1-9)."""
 
 from __future__ import annotations
 

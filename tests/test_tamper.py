@@ -298,7 +298,7 @@ def test_holding_the_signing_key_does_not_make_it_trusted(victim, keys):
 
 
 def test_forged_jku_pointing_at_an_attacker_key_file_is_refused(tmp_path, keys):
-    """FORMAT.md §13 W3: re-point sign.jku to an attacker JWK with the trusted kid, change a plaintext
+    """docs/format.md §13 W3: re-point sign.jku to an attacker JWK with the trusted kid, change a plaintext
     tensor, re-sign with the attacker key. ctfs never reads keys named by the file."""
     path = write_victim(tmp_path / "v.ct", "cryptotensors-v2", keys, encrypt=["weight", "bias"])
     mallory = make_keys(seed=66)
@@ -335,7 +335,7 @@ def pristine(tmp_path_factory) -> dict[str, tuple[bytes, bytes]]:
 @settings(max_examples=400, deadline=None)
 @given(kind=st.sampled_from(KINDS), where=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
 def test_any_single_bit_flip_fails_closed_or_changes_nothing(pristine, kind, where, bit):
-    """Header malleability (FORMAT.md W8) may let a flip through, but only if the plaintext is identical."""
+    """Header malleability (docs/format.md W8) may let a flip through, but only if the plaintext is identical."""
     blob, expected = pristine[kind]
     damaged = bytearray(blob)
     damaged[int(where * len(blob))] ^= 1 << bit

@@ -88,7 +88,7 @@ def test_the_mount_trusts_its_trust_files(tmp_path, model):
         open_fully(model, build_keys(config))
 
 
-# -- FORMAT.md §13 W3 ----------------------------------------------------------------------------------
+# -- docs/format.md §13 W3 -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("attacker_kid", ["sign1", "mallory"])
 def test_a_forgery_that_brings_its_own_signer_through_jku_is_refused(tmp_path, attacker_kid):

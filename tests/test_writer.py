@@ -1,4 +1,4 @@
-"""The writer: upstream's exact header form, the safe choices of FORMAT.md §11 (★), streaming and atomicity."""
+"""The writer: upstream's exact header form, the safe choices of docs/format.md §11 (★), streaming and atomicity."""
 
 from __future__ import annotations
 

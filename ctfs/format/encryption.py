@@ -132,7 +132,7 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
 
 
 def _parse_mode(keys: dict[str, Any]) -> tuple[str, int | None]:
-    """The real rule (FORMAT.md §2): chunk_size's presence, not version, selects chunked mode."""
+    """The real rule (docs/format.md §2): chunk_size's presence, not version, selects chunked mode."""
     version = keys.get("version")
     if version not in ("1", "2"):
         raise FormatError(f"{CRYPTO_KEYS_KEY} version must be \"1\" or \"2\", got {version!r}")

@@ -12,7 +12,7 @@ def tie_free_layout(tensors_by_offset: Sequence[TensorInfo]) -> list[TensorInfo]
     """Reassign offsets so that no two zero-size tensors share one (start, end).
 
     Upstream orders such ties at random when it re-serialises a header to check its signature, so
-    files with ties fail to verify there at random (FORMAT.md §7, W7). Each empty tensor is placed
+    files with ties fail to verify there at random (docs/format.md §7, W7). Each empty tensor is placed
     after a different non-empty one (one may lead); only when empties outnumber those slots do ties
     remain, which no layout can avoid.
     """
