@@ -354,9 +354,11 @@ def test_bad_crypto_metadata_values_are_refused(upstream_header, key, value, mat
         crypto_of(obj)
 
 
-def test_missing_policy_sides_default_to_allow_all(upstream_header):
-    crypto = crypto_of(with_field(upstream_header, "__policy__", lambda p: p.clear()))
-    assert crypto.policy_local == crypto.policy_remote == "package model\nallow = true"
+@pytest.mark.parametrize("side", ["local", "remote"])
+def test_a_policy_missing_a_side_is_refused_as_the_reference_refuses_it(upstream_header, side):
+    # Filling the gap with allow-all would fail open where the reference library fails closed.
+    with pytest.raises(FormatError, match=side):
+        crypto_of(with_field(upstream_header, "__policy__", lambda p: p.pop(side)))
 
 
 def test_unknown_entry_fields_are_ignored(upstream_header):

@@ -108,7 +108,10 @@ def parse_crypto_header(header: Header, source: str) -> CryptoHeader | None:
                 raise FormatError(f"{ENCRYPTION_KEY} names tensor {name!r}, which the header lacks")
             ciphers[name] = _parse_cipher(entry, tensors[name], chunk_size, enc.alg)
         policy = _json_object(metadata[POLICY_KEY], POLICY_KEY)
-        local, remote = policy.get("local", DEFAULT_POLICY), policy.get("remote", DEFAULT_POLICY)
+        missing = [side for side in ("local", "remote") if side not in policy]
+        if missing:  # the reference library refuses such a file: filling in allow-all would fail open
+            raise FormatError(f"{POLICY_KEY} lacks {' and '.join(missing)}")
+        local, remote = policy["local"], policy["remote"]
         if not isinstance(local, str) or not isinstance(remote, str):
             raise FormatError(f"{POLICY_KEY} local/remote must be strings")
         signature = b64decode_strict(metadata[SIGNATURE_KEY], SIGNATURE_KEY)
