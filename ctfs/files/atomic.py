@@ -152,7 +152,7 @@ def _owner_gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     except PermissionError:  # alive, another user's
-        return False
+        pass
     return False
 
 
