@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from ctfs.files.atomic import atomic_output, write_all
+from ctfs.files.atomic import Output, atomic_output, write_all
 from ctfs.files.encrypted import EncryptedFile
 from ctfs.keys.store import KeySource
 
@@ -18,12 +18,12 @@ STREAM_BLOCK = 16 * 1024 * 1024
 
 def decrypt_file(
     src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
+    dst: Output,
     keys: KeySource,
     on_bytes: Callable[[int], None] | None = None,
 ) -> None:
-    """Write the plain file; plaintext reaches `dst` only if every tag verified (the temp file is
-    removed otherwise), and it is created mode 0600."""
+    """Write the plain file; plaintext gets a name, `dst`, only once every tag verified (until then it is
+    an unnamed file, freed on failure or death), and it is created mode 0600."""
     with EncryptedFile(src, keys) as ef, atomic_output(dst, 0o600) as out, ThreadPoolExecutor(os.cpu_count() or 2) as pool:
         write_all(out, ef.view.prefix, 0)
         base = len(ef.view.prefix)
@@ -39,7 +39,7 @@ def decrypt_file(
                 batches.flush()
                 opener = ef.open_tensor_stream(info.name)
                 _stream_tensor(ef, info, out, base, opener.update)
-                opener.finalize()  # raises on a bad tag: the temp file, plaintext and all, is removed
+                opener.finalize()  # raises on a bad tag: the unnamed output, plaintext and all, is dropped
             else:
                 batches.decrypt(ef, info, base)
             if on_bytes:

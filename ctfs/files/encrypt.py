@@ -12,7 +12,7 @@ from ctfs.crypto.keywrap import new_dek, wrap_dek
 from ctfs.crypto.nonces import chunk_nonce, fresh_base_iv
 from ctfs.crypto.signing import sign
 from ctfs.errors import CtfsError, FormatError
-from ctfs.files.atomic import atomic_output, write_all, write_all_vectored
+from ctfs.files.atomic import Output, atomic_output, write_all, write_all_vectored
 from ctfs.files.fileio import pread_exact, read_header
 from ctfs.format.encryption import (
     DEFAULT_CHUNK_SIZE,
@@ -167,7 +167,7 @@ class _Encryptor:
 
 def encrypt_file(
     src: str | os.PathLike[str],
-    dst: str | os.PathLike[str],
+    dst: Output,
     enc_key: EncryptionKey,
     sign_key: SigningKey,
     options: EncryptOptions = EncryptOptions(),

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ctfs.errors import CtfsError
-from ctfs.files.atomic import atomic_output
+from ctfs.files.atomic import (
+    TEMP_SUFFIX,
+    HeldTree,
+    Output,
+    atomic_output,
+    remove_stale_temps,
+)
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -19,12 +25,12 @@ def is_safetensors(path: Path) -> bool:
 
 
 def walk_files(root: Path) -> Iterator[Path]:
-    """Regular files below `root`, relative to it, in a stable order; hidden temp files skipped."""
+    """Regular files below `root`, relative to it, in a stable order; temp files and staging directories skipped."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
+        dirnames[:] = sorted(d for d in dirnames if not d.endswith(TEMP_SUFFIX))
         for name in sorted(filenames):
             path = Path(dirpath, name)
-            if path.is_file() and not name.endswith(".ctfs-tmp"):
+            if path.is_file() and not name.endswith(TEMP_SUFFIX):
                 yield path.relative_to(root)
 
 
@@ -43,42 +49,37 @@ def check_distinct(src: Path, dst: Path) -> None:
         raise CtfsError(f"destination {dst} must lie outside the source {src}")
 
 
-def copy_file(src: Path, dst: Path) -> None:
+def copy_file(src: Path, dst: Output) -> None:
     with open(src, "rb") as fin, atomic_output(dst, src.stat().st_mode & 0o777) as fd:
         with os.fdopen(os.dup(fd), "wb") as fout:
             shutil.copyfileobj(fin, fout, 16 * 1024 * 1024)
 
 
-def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Path], None]) -> list[Path]:
-    """`transform(src_file, dst_file)` every safetensors file; copy the rest unchanged.
+def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Output], None]) -> list[Path]:
+    """`transform(src_file, output)` every safetensors file; copy the rest unchanged.
 
-    The tree is built in a hidden sibling of `dst` and renamed into place once complete, so a failure
-    leaves no partial output; `dst` must not exist yet, or be an empty directory. Returns the
-    safetensors files handled, relative to `src`.
+    Every output file stays unnamed until the whole tree is written, then the tree appears at `dst` in
+    one short step (see HeldTree): a failure or a kill leaves no partial output, and no plaintext.
+    `dst` must not exist yet, or be an empty directory. Returns the safetensors files handled,
+    relative to `src`.
     """
     check_distinct(src, dst)
     if not src.is_dir():
         raise CtfsError(f"{src} is not a directory")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CtfsError(f"destination {dst} exists and is not an empty directory")
+    files = list(walk_files(src))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".ctfs-tmp"))
-    try:
-        done = []
-        for rel in walk_files(src):
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dst.parent)
+    done = []
+    with contextlib.closing(HeldTree(dst, len(files))) as tree:
+        for rel in files:
             if is_safetensors(rel):
-                transform(src / rel, staging / rel)
+                transform(src / rel, tree.output(rel))
                 done.append(rel)
             else:
-                copy_file(src / rel, staging / rel)
-        staging.chmod(0o755)
-        if dst.exists():
-            dst.rmdir()
-        staging.rename(dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+                copy_file(src / rel, tree.output(rel))
+        tree.publish()
     return done
 
 
