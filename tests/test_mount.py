@@ -24,6 +24,7 @@ from mounting import (
     make_served_dir,
     mounted,
     requires_fuse,
+    served_tensors,
     write_key_file,
 )
 
@@ -128,3 +129,20 @@ def test_plaintext_tensors_of_a_partially_encrypted_file_are_served_with_a_warni
     with mounted(src, tmp_path / "mnt", "--keys", str(write_key_file(tmp_path / "keys.jwk", keys))) as mount:
         assert mount.path("partial.safetensors").read_bytes() == (tmp_path / "view").read_bytes()
         assert "stored in plaintext are not authenticated" in mount.log()
+
+
+def test_verify_full_decrypts_each_chunk_once_for_the_check_and_the_readers(served_dir, tmp_path):
+    """The tags checked at the first open are the bytes served: the verified plain file goes into the
+    kernel's page cache, so whole-file reads and an mmap after it decrypt nothing more."""
+    root, src, plain, key_file = served_dir
+    name = SERVED_NAMES[1]  # v2, chunks of an odd size: pages straddle chunks
+    with mounted(src, tmp_path / "mnt", "--keys", str(key_file), "--verify", "full") as mount:
+        assert call_with_timeout(mount.path(name).read_bytes) == plain[name]
+        run = subprocess.run([sys.executable, str(CONSUMERS_SCRIPT), "memmap_r", str(mount.path(name))],
+                             capture_output=True, text=True, timeout=CHILD_TIMEOUT)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["sha256"] == hashlib.sha256(plain[name]).hexdigest()
+        stats = json.loads(os.getxattr(mount.mountpoint, "user.ctfs.stats"))
+    encrypted_bytes = sum(t.nbytes for t in served_tensors().values())
+    assert stats["verified_bytes"] == encrypted_bytes  # one pass, the check's ...
+    assert stats["decrypted_bytes"] == 0  # ... and the reads were served from what it verified

@@ -85,6 +85,7 @@ class Operations:
         self.source = source
         self.nodes = NodeTable(source.root_entry())
         self._on_init = on_init
+        self.session: ll.Session | None = None  # set once the session exists: verified pages are stored through it
         self._files: dict[int, OpenVersion] = {}
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
@@ -159,7 +160,7 @@ class Operations:
             raise OSError(errno.EROFS, "read-only")
         node = self.nodes[ino]
         try:
-            version = self.source.open(node.path, node.entry, _reader(req))
+            version = self.source.open(node.path, node.entry, _reader(req), functools.partial(self._store, ino))
         except CtfsError as exc:
             code = errno_of(exc)
             log.error("open %s refused (%s): %s", path_text(node.path), errno.errorcode.get(code, code), exc)
@@ -255,6 +256,10 @@ class Operations:
             ll.libfuse.fuse_reply_xattr(req, 0)
         else:
             ll.libfuse.fuse_reply_buf(req, None, 0)
+
+    def _store(self, ino: int, offset: int, data: memoryview) -> None:
+        if self.session is not None and self.session.store(ino, offset, data) != 0:
+            log.debug("the kernel did not take verified pages of node %d at %d", ino, offset)
 
     def _register(self, table: dict, value: object) -> int:
         with self._mutex:

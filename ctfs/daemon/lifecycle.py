@@ -181,7 +181,7 @@ class Daemon:
         if self.stop_requested.is_set():
             return
         ops = Operations(self.source, self._on_init)
-        session = Session(ops.struct, mount_options(fsname="ctfs", allow_other=self.config.allow_other))
+        session = ops.session = Session(ops.struct, mount_options(fsname="ctfs", allow_other=self.config.allow_other))
         try:
             session.mount(self.mountpoint)
             session.serve(max_threads=self.config.threads or default_threads(), clone_fd=False)

@@ -95,6 +95,16 @@ class IoVec(Structure):
     _fields_ = [("iov_base", c_void_p), ("iov_len", c_size_t)]
 
 
+class Buf(Structure):
+    # mem_size is libfuse 3.17's addition at the end; 3.14 never reads it, and zero is what 3.17 expects here.
+    _fields_ = [("size", c_size_t), ("flags", c_int), ("mem", c_void_p), ("fd", c_int), ("pos", off_t),
+                ("mem_size", c_size_t)]
+
+
+class BufVec(Structure):
+    _fields_ = [("count", c_size_t), ("idx", c_size_t), ("off", c_size_t), ("buf", Buf * 1)]
+
+
 class Args(Structure):
     _fields_ = [("argc", c_int), ("argv", POINTER(c_char_p)), ("allocated", c_int)]
 
@@ -163,6 +173,7 @@ def _load_libfuse3() -> ctypes.CDLL:
         "fuse_reply_statfs": (c_int, [fuse_req_t, POINTER(StatVfs)]),
         "fuse_reply_xattr": (c_int, [fuse_req_t, c_size_t]),
         "fuse_add_direntry": (c_size_t, [fuse_req_t, c_void_p, c_size_t, c_char_p, POINTER(Stat), off_t]),
+        "fuse_lowlevel_notify_store": (c_int, [c_void_p, fuse_ino_t, off_t, POINTER(BufVec), c_int]),
     }
     for name, (restype, argtypes) in signatures.items():
         function = getattr(lib, name)
@@ -234,6 +245,14 @@ class Session:
             return libfuse.fuse_session_loop_mt_312(self._se, config)
         finally:
             libfuse.fuse_loop_cfg_destroy(config)
+
+    def store(self, ino: int, offset: int, data: memoryview) -> int:
+        """Put `data` into the kernel's page cache of node `ino` at `offset` (FUSE_NOTIFY_STORE): later reads
+        of those pages never reach the daemon. Only whole pages (or the file's tail) become readable."""
+        holder = (ctypes.c_char * len(data)).from_buffer(data)
+        vec = BufVec(count=1, idx=0, off=0)
+        vec.buf[0].size, vec.buf[0].mem = len(data), ctypes.addressof(holder)
+        return libfuse.fuse_lowlevel_notify_store(self._se, ino, offset, ctypes.byref(vec), 0)
 
     def close(self) -> None:
         libfuse.fuse_session_unmount(self._se)

@@ -84,6 +84,61 @@ class PassthroughFile(OpenVersion):
         os.close(self._fd)
 
 
+def verify_and_publish(encrypted: EncryptedFile, publish: Callable[[int, memoryview], object]) -> None:
+    """Authenticate every tag of the file while handing its plain bytes, in order and in whole pages, to
+    `publish(offset, bytes)`: --verify full then decrypts each chunk once, for the check and for the reader.
+    A chunk's bytes are published only once its tag has verified."""
+    for info in encrypted.header.by_offset:
+        if info.name in encrypted.crypto.ciphers and info.nbytes == 0:
+            encrypted.verify_empty_tensor(info.name)
+    pages = _PageStream(publish)
+    scratch = memoryview(bytearray())
+    for piece in encrypted.view.pieces(0, encrypted.view.size):
+        if isinstance(piece, ChunkPiece):
+            size = encrypted.chunk_size(piece.tensor, piece.index)
+            if len(scratch) < size:
+                scratch = memoryview(bytearray(size))
+            encrypted.decrypt_chunk_into(piece.tensor, piece.index, scratch[:size])
+            pages.write(scratch[piece.skip:piece.skip + piece.length])
+        elif isinstance(piece, HeaderPiece):
+            pages.write(memoryview(encrypted.view.prefix)[piece.start:piece.start + piece.length])
+        else:
+            pages.write(memoryview(encrypted.read_stored(piece.data_offset, piece.length)))
+    pages.flush(final=True)
+
+
+class _PageStream:
+    """Gathers a file's bytes, written in order, into blocks of whole pages: the kernel marks a stored page
+    readable only if one store covers all of it (or ends the file)."""
+
+    BLOCK = 4 * 1024 * 1024
+    PAGE = 4096
+
+    def __init__(self, publish: Callable[[int, memoryview], object]):
+        self._publish = publish
+        self._buffer = memoryview(bytearray(self.BLOCK + self.PAGE))
+        self._filled = 0
+        self._offset = 0  # file offset of the buffer's first byte
+
+    def write(self, data: memoryview) -> None:
+        while len(data):
+            take = min(len(data), len(self._buffer) - self._filled)
+            self._buffer[self._filled:self._filled + take] = data[:take]
+            self._filled += take
+            data = data[take:]
+            if self._filled >= self.BLOCK:
+                self.flush()
+
+    def flush(self, final: bool = False) -> None:
+        whole = self._filled if final else self._filled - self._filled % self.PAGE
+        if whole:
+            self._publish(self._offset, self._buffer[:whole])
+        rest = self._filled - whole
+        self._buffer[:rest] = self._buffer[whole:self._filled]
+        self._offset += whole
+        self._filled = rest
+
+
 class PlainView(OpenVersion):
     """An encrypted file served as its plain safetensors view; chunks come from the shared cache, and a
     sequential reader gets the next chunks decrypted ahead of it."""

@@ -9,11 +9,12 @@ import os
 import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ctfs.daemon.chunk_cache import ChunkCache
-from ctfs.daemon.served import OpenVersion, PassthroughFile, PlainView
+from ctfs.daemon.served import OpenVersion, PassthroughFile, PlainView, verify_and_publish
 from ctfs.errors import AccessDenied, FormatError, StaleVersion
 from ctfs.files.encrypted import EncryptedFile
 from ctfs.files.fileio import FileIdentity, read_header
@@ -77,6 +78,7 @@ class _Counters:
     served_bytes: int = 0
     read_requests: int = 0
     largest_request: int = 0
+    verified_bytes: int = 0  # decrypted by --verify full's check at a first open
     mutex: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -185,9 +187,12 @@ class ModelSource:
         return os.statvfs(self.root)
 
     # -- open ------------------------------------------------------------------------------------
-    def open(self, path: str, entry: Entry, reader: Reader | None) -> OpenVersion:
+    def open(self, path: str, entry: Entry, reader: Reader | None,
+             publish: Callable[[int, memoryview], object] | None = None) -> OpenVersion:
         """Open the version `entry` names. Every check (header, signer, key, policy, optionally every tag)
-        happens here, because a failure later, inside an mmap, would kill the reader with SIGBUS."""
+        happens here, because a failure later, inside an mmap, would kill the reader with SIGBUS. With
+        --verify full, `publish(offset, bytes)` receives the plain file as its tags verify (the FUSE layer
+        puts it in the kernel's page cache, so it is not decrypted a second time to be read)."""
         if entry.kind is Kind.DIRECTORY:
             raise IsADirectoryError(21, "is a directory", path)
         if entry.kind is Kind.UNREADABLE:
@@ -205,13 +210,14 @@ class ModelSource:
         try:
             if encrypted.identity != entry.identity:
                 raise StaleVersion(f"{path_text(path)}: changed since it was looked up")
-            self._admit(path, encrypted, reader)
+            self._admit(path, encrypted, reader, publish)
         except BaseException:
             encrypted.close()
             raise
         return PlainView(encrypted, self.cache, self.options.readahead_chunks)
 
-    def _admit(self, path: str, encrypted: EncryptedFile, reader: Reader | None) -> None:
+    def _admit(self, path: str, encrypted: EncryptedFile, reader: Reader | None,
+               publish: Callable[[int, memoryview], object] | None) -> None:
         if self.gate is not None and reader is not None:
             crypto = encrypted.crypto
             key_ids = [k for k in (crypto.enc.kid, crypto.sign.kid) if k]
@@ -225,9 +231,14 @@ class ModelSource:
             with self._mutex:
                 known = encrypted.identity in self._verified
             if not known:
-                encrypted.verify_all()
+                if publish is None:
+                    encrypted.verify_all()
+                else:
+                    verify_and_publish(encrypted, publish)
                 with self._mutex:
                     self._verified.add(encrypted.identity)
+                with self._counters.mutex:
+                    self._counters.verified_bytes += encrypted.encrypted_bytes
 
     def _first_sight(self, what: object) -> bool:
         with self._mutex:
@@ -253,7 +264,7 @@ class ModelSource:
         counters = self._counters
         with counters.mutex:
             mine = {"served_bytes": counters.served_bytes, "read_requests": counters.read_requests,
-                    "largest_request": counters.largest_request}
+                    "largest_request": counters.largest_request, "verified_bytes": counters.verified_bytes}
         return {**mine, **self.cache.stats()}
 
 

@@ -192,6 +192,11 @@ class EncryptedFile:
         if cipher.tags:
             open_(self._aead(name), cipher.iv, b"", cipher.tags[0], f"{self.label}: tensor {name!r}")
 
+    @property
+    def encrypted_bytes(self) -> int:
+        """Plaintext bytes held encrypted: what verifying every tag decrypts."""
+        return sum(info.nbytes for info in self.header.tensors if info.name in self.crypto.ciphers)
+
     def chunks(self) -> list[tuple[str, int]]:
         """Every (tensor, chunk index) of the file, in data order."""
         return [
