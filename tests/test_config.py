@@ -36,6 +36,7 @@ def test_defaults(tmp_path):
     assert not any((config.insecure_key_perms, config.allow_plain, config.allow_other, config.foreground,
                     config.hide_denied))
     assert (config.policy, config.labels, config.audit_log) == (None, {}, None)
+    assert (config.log_file, config.strict) == (None, False)
 
 
 def test_every_option_from_toml(tmp_path):
@@ -57,6 +58,8 @@ hide_denied = true
 policy_cache_ttl = 30
 threads = 8
 log_level = "debug"
+log_file = "/var/log/ctfs/llama.log"
+strict = true
 """
     assert {line.split(" =")[0] for line in text.splitlines() if line} == {
         f.name for f in dataclasses.fields(MountConfig)}, "every option can be set in the file"
@@ -68,7 +71,7 @@ log_level = "debug"
         insecure_key_perms=True, cache_size=2**30, verify="full", allow_plain=True, allow_other=True,
         foreground=True, policy="/etc/ctfs/policy.rego", labels={"env": "prod", "site": "fra1"},
         audit_log="/var/log/ctfs/audit.jsonl", hide_denied=True, policy_cache_ttl=30.0, threads=8,
-        log_level="debug",
+        log_level="debug", log_file="/var/log/ctfs/llama.log", strict=True,
     )
     assert isinstance(config.policy_cache_ttl, float)
 
@@ -103,6 +106,7 @@ keys = ["keys/llama.jwks"]
 trust = ["trust/publisher.jwk"]
 policy = "policy/llama.rego"
 audit_log = "audit.log"
+log_file = "llama.log"
 key_command = "bin/get-key --kid"
 allow_jku = ["keys/"]
 """))
@@ -112,6 +116,7 @@ allow_jku = ["keys/"]
     assert config.trust == [str(etc / "trust" / "publisher.jwk")]
     assert config.policy == str(etc / "policy" / "llama.rego")
     assert config.audit_log == str(etc / "audit.log")
+    assert config.log_file == str(etc / "llama.log")
     # A command line and URL prefixes are not paths.
     assert config.key_command == "bin/get-key --kid"
     assert config.allow_jku == ["keys/"]
