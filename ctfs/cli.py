@@ -203,7 +203,8 @@ def _apply(src: Path, dst: Path, force: bool, verb: str, operation) -> None:
 def inspect(file, key_options, as_json) -> None:
     """Describe a file: tensors, encryption, keys, policy, and the signature status when a signer is known."""
     chain = key_options.chain()
-    report = describe(Path(file), chain if chain.may_verify() else None)
+    # No signer known anywhere and no --keys: "not checked" says more than INVALID would.
+    report = describe(Path(file), chain if chain.may_verify() or key_options.keys else None)
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
         return
