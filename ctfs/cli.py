@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from tqdm import tqdm
 
 from ctfs.crypto.signing import public_key_of
+from ctfs.daemon.config import LOG_LEVELS, VERIFY_MODES, MiB, MountConfig
 from ctfs.errors import CtfsError
 from ctfs.files.atomic import atomic_output, write_all
 from ctfs.files.decrypt import decrypt_file
@@ -31,7 +33,7 @@ from ctfs.format.encryption import (
     DEFAULT_CHUNK_SIZE,
     ENC_KEY_LENGTHS,
 )
-from ctfs.keys.chain import build_chain
+from ctfs.keys.chain import KeyOptions
 from ctfs.keys.files import load_key_paths
 from ctfs.keys.jwk import EncryptionKey, SigningKey, to_reference_jwk
 from ctfs.keys.store import KeyStore
@@ -63,33 +65,50 @@ def progress(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
 
 
-keys_option = click.option("--keys", "-k", "keys", multiple=True, required=True,
-                           help="JWK / JWK Set file or directory of them (repeatable).")
-insecure_perms_option = click.option("--insecure-key-perms", is_flag=True,
-                                     help="Accept key files readable by group or others.")
-trust_option = click.option("--trust", multiple=True,
-                            help="Verify keys of trusted signers (default: the public halves of the signing keys found).")
-key_command_option = click.option("--key-command", help="Command printing a master key as a JWK (docs/keys.md).")
-allow_jku_option = click.option("--allow-jku", multiple=True,
-                                help="file:// prefix under which a header's jku may supply a master key.")
+# The key options of docs/keys.md, declared once: every command that reads keys takes them, and `ctfs mount`
+# hands them to its MountConfig.
+_KEY_OPTIONS = {
+    "keys": click.option("--keys", "-k", "keys", multiple=True,
+                         help="JWK or JWK Set file, or a directory of them (repeatable); the other key sources "
+                              "of docs/keys.md are read too."),
+    "trust": click.option("--trust", multiple=True, show_default="the public halves of the signing keys found",
+                          help="Verify key of a trusted signer: file or directory (repeatable)."),
+    "key_command": click.option("--key-command", help="Command printing a master key as a JWK, given a kid "
+                                                      "and an algorithm (docs/keys.md)."),
+    "allow_jku": click.option("--allow-jku", multiple=True,
+                              help="file:// prefix under which a header's jku may supply a master key (repeatable)."),
+    "insecure_key_perms": click.option("--insecure-key-perms", is_flag=True,
+                                       help="Accept key files readable by group or others."),
+}
+# A new file is encrypted and signed with keys held up front: a lookup by kid (command, jku) cannot supply them.
+_KEYS_HELD = ("keys", "insecure_key_perms")
 
 
-def key_sources(func):
-    """Give a command the provider chain of docs/keys.md, built from its key options, as `chain`."""
+def with_key_options(names: tuple[str, ...] = tuple(_KEY_OPTIONS)):
+    """Give a command the key options `names`, as one KeyOptions argument `key_options`; the command builds
+    its key chain with `key_options.chain()`, inside its own error reporting."""
 
-    @functools.wraps(func)
-    def wrapper(*args, keys, trust, key_command, allow_jku, insecure_key_perms, **kwargs):
-        chain = build_chain(keys, trust, key_command, allow_jku, check_perms=not insecure_key_perms)
-        return func(*args, chain=chain, **kwargs)
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            chosen = KeyOptions(**{name: kwargs.pop(name) for name in names})
+            return func(*args, key_options=chosen, **kwargs)
 
-    options = [
-        click.option("--keys", "-k", "keys", multiple=True,
-                     help="JWK / JWK Set file or directory (repeatable); the other providers are asked too."),
-        trust_option, key_command_option, allow_jku_option, insecure_perms_option,
-    ]
-    for option in reversed(options):
-        wrapper = option(wrapper)
-    return wrapper
+        for name in reversed(names):
+            wrapper = _KEY_OPTIONS[name](wrapper)
+        return wrapper
+
+    return decorate
+
+
+force_option = click.option("--force", is_flag=True,
+                            help="Overwrite an existing output file (a destination directory must still be empty).")
+
+
+def refuse_to_overwrite(path: Path, force: bool) -> None:
+    """Every command that writes an output file keeps an existing one unless --force is given."""
+    if os.path.lexists(path) and not force:
+        raise CtfsError(f"{path} exists; pass --force to overwrite it")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,14 +119,14 @@ def main() -> None:
 
 @main.command()
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--alg", type=click.Choice(sorted(ENC_KEY_LENGTHS)), default="aes256gcm", show_default=True)
-@click.option("--kid", help="Key id prefix (default: random); the keys get KID-enc and KID-sign.")
-@click.option("--force", is_flag=True, help="Overwrite OUT.")
+@click.option("--alg", type=click.Choice(sorted(ENC_KEY_LENGTHS)), default="aes256gcm", show_default=True,
+              help="Algorithm of the encryption key.")
+@click.option("--kid", help="Key id prefix; the keys get KID-enc and KID-sign.", show_default="random")
+@force_option
 @reports_errors
 def keygen(out: str, alg: str, kid: str | None, force: bool) -> None:
     """Write a JWK Set with a new encryption key and a new Ed25519 signing key (mode 0600)."""
-    if os.path.exists(out) and not force:
-        raise CtfsError(f"{out} exists; pass --force to overwrite it")
+    refuse_to_overwrite(Path(out), force)
     prefix = kid or secrets.token_hex(4)
     seed = secrets.token_bytes(32)
     keys = [
@@ -123,18 +142,19 @@ def keygen(out: str, alg: str, kid: str | None, force: bool) -> None:
 @main.command()
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
-@keys_option
-@click.option("--format-version", type=click.Choice(["1", "2"]), default="2", show_default=True)
+@with_key_options(_KEYS_HELD)
+@click.option("--format-version", type=click.Choice(["1", "2"]), default="2", show_default=True,
+              help="CryptoTensors format: 2 encrypts in chunks, so readers decrypt only what they read.")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK_SIZE, show_default=True,
               help="Bytes per encrypted chunk (format 2).")
 @click.option("--tensors", multiple=True, help="Encrypt only these tensors (repeatable); others stay plain.")
 @click.option("--policy", "policy_file", type=click.Path(exists=True, dir_okay=False),
               help="Rego policy (package model, rule allow) to embed.")
-@insecure_perms_option
+@force_option
 @reports_errors
-def encrypt(src, dst, keys, format_version, chunk_size, tensors, policy_file, insecure_key_perms) -> None:
+def encrypt(src, dst, key_options, format_version, chunk_size, tensors, policy_file, force) -> None:
     """Encrypt a .safetensors file, or every one in a model directory (other files are copied)."""
-    store = KeyStore(load_key_paths(keys, check_perms=not insecure_key_perms))
+    keys = key_options.chain()
     policy = None
     if policy_file:
         from ctfs.policy.engine import validate_policy
@@ -142,22 +162,24 @@ def encrypt(src, dst, keys, format_version, chunk_size, tensors, policy_file, in
         policy = Path(policy_file).read_text("utf-8")
         validate_policy(policy)
     options = EncryptOptions(format_version, chunk_size, tensors or None, policy)
-    enc_key, sign_key = store.first_encryption_key(), store.signing_key()
-    _apply(Path(src), Path(dst), "encrypt",
+    enc_key, sign_key = keys.first_encryption_key(), keys.signing_key()
+    _apply(Path(src), Path(dst), force, "encrypt",
            lambda s, d, cb: encrypt_file(s, d, enc_key, sign_key, options, on_bytes=cb))
 
 
 @main.command()
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path())
-@key_sources
+@with_key_options()
+@force_option
 @reports_errors
-def decrypt(src, dst, chain) -> None:
+def decrypt(src, dst, key_options, force) -> None:
     """Decrypt a file or a model directory to plain safetensors (writes plaintext weights to disk)."""
-    _apply(Path(src), Path(dst), "decrypt", lambda s, d, cb: decrypt_file(s, d, chain, on_bytes=cb))
+    chain = key_options.chain()
+    _apply(Path(src), Path(dst), force, "decrypt", lambda s, d, cb: decrypt_file(s, d, chain, on_bytes=cb))
 
 
-def _apply(src: Path, dst: Path, verb: str, operation) -> None:
+def _apply(src: Path, dst: Path, force: bool, verb: str, operation) -> None:
     if src.is_dir():
         files = [src / rel for rel in walk_files(src) if is_safetensors(rel)]
         with progress(safetensors_data_bytes(files), verb) as bar:
@@ -167,6 +189,7 @@ def _apply(src: Path, dst: Path, verb: str, operation) -> None:
         if dst.is_dir():
             dst = dst / src.name
         check_distinct(src, dst)
+        refuse_to_overwrite(dst, force)
         with progress(src.stat().st_size, verb) as bar:
             operation(src, dst, bar.update)
         click.echo(f"{verb}ed {src} into {dst}")
@@ -174,15 +197,14 @@ def _apply(src: Path, dst: Path, verb: str, operation) -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--keys", "-k", "keys", multiple=True, help="Keys to check the signature with.")
-@trust_option
+@with_key_options()
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@insecure_perms_option
 @reports_errors
-def inspect(file, keys, trust, as_json, insecure_key_perms) -> None:
-    """Describe a file: tensors, encryption, keys, policy, and the signature status when keys are given."""
-    chain = build_chain(keys, trust, check_perms=not insecure_key_perms) if keys or trust else None
-    report = describe(Path(file), chain)
+def inspect(file, key_options, as_json) -> None:
+    """Describe a file: tensors, encryption, keys, policy, and the signature status when a signer is known."""
+    chain = key_options.chain()
+    # No signer known anywhere and no --keys: "not checked" says more than INVALID would.
+    report = describe(Path(file), chain if chain.may_verify() or key_options.keys else None)
     if as_json:
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
         return
@@ -199,10 +221,11 @@ def inspect(file, keys, trust, as_json, insecure_key_perms) -> None:
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True))
-@key_sources
+@with_key_options()
 @reports_errors
-def verify(path, chain) -> None:
+def verify(path, key_options) -> None:
     """Check the signature and every tag of a file, or of every safetensors file in a directory."""
+    chain = key_options.chain()
     files = safetensors_files(Path(path))
     with progress(safetensors_data_bytes(files), "verify") as bar:
         verify_files(files, chain, on_bytes=bar.update)
@@ -212,28 +235,33 @@ def verify(path, chain) -> None:
 # -- the mount ---------------------------------------------------------------------------------------
 
 def _mount_options(func):
+    """Every MountConfig option as a flag of the same name, showing the config's default."""
     options = [
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                      help="TOML file with the mount options; flags given here override it."),
-        click.option("--keys", "-k", "keys", multiple=True, help="JWK / JWK Set file or directory (repeatable)."),
-        trust_option, key_command_option, allow_jku_option,
-        click.option("--cache-size", help="Bytes of decrypted chunks kept in memory, e.g. 512M (default 256M)."),
-        click.option("--verify", type=click.Choice(["open", "full"]), default=None,
+        click.option("--cache-size", default=f"{MountConfig.cache_size // MiB}M", show_default=True,
+                     help="Bytes of decrypted chunks kept in memory, e.g. 512M."),
+        click.option("--verify", type=click.Choice(VERIFY_MODES), default=MountConfig.verify, show_default=True,
                      help="full: check every tag at a file's first open (safe for mmap readers)."),
-        click.option("--allow-plain", is_flag=True, default=None, help="Serve unencrypted safetensors files too."),
-        click.option("--allow-other", is_flag=True, default=None, help="Let other users read the mount."),
+        click.option("--allow-plain", is_flag=True, help="Serve unencrypted safetensors files too."),
+        click.option("--allow-other", is_flag=True, help="Let other users read the mount."),
         click.option("--follow", multiple=True,
                      help="Directory that symlinks in the source may point into (repeatable); e.g. a Hugging "
                           "Face cache's models--ORG--NAME when SOURCE is one of its snapshots."),
         click.option("--policy", help="Operator Rego policy applied on top of each file's own."),
-        click.option("--label", "labels", multiple=True, help="KEY=VALUE fact about this host for policies."),
+        click.option("--labels", "--label", "labels", multiple=True,
+                     help="KEY=VALUE fact about this host for policies (repeatable)."),
         click.option("--audit-log", help="File for one JSON line per access decision, or 'journal'."),
-        click.option("--hide-denied", is_flag=True, default=None, help="Do not list files the policy denies to the reader."),
-        click.option("--policy-cache-ttl", type=float, help="Seconds a policy decision is reused (default 5)."),
-        click.option("--insecure-key-perms", is_flag=True, default=None, help="Accept group/world-readable key files."),
-        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None),
-        click.option("--foreground", "-f", is_flag=True, default=None, help="Stay in the foreground (for services)."),
-        click.option("--log-file", help="Where a background daemon writes its log (default: this terminal)."),
+        click.option("--hide-denied", is_flag=True, help="Do not list files the policy denies to the reader."),
+        click.option("--policy-cache-ttl", type=float, default=MountConfig.policy_cache_ttl, show_default=True,
+                     help="Seconds a policy decision is reused."),
+        click.option("--log-level", type=click.Choice(LOG_LEVELS), default=MountConfig.log_level, show_default=True,
+                     help="Least severe daemon message that is logged."),
+        click.option("--foreground", "-f", is_flag=True, help="Stay in the foreground (for services)."),
+        click.option("--log-file", show_default="/var/log/ctfs/MOUNTPOINT.log as root, else under $XDG_STATE_HOME/ctfs",
+                     help="Where a background mount's daemon logs (a foreground one logs to stderr)."),
+        click.option("--strict", is_flag=True,
+                     help="Refuse to mount when the keys cannot open some encrypted file, instead of warning."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -243,14 +271,18 @@ def _mount_options(func):
 @main.command()
 @click.argument("source", required=False)
 @click.argument("mountpoint", required=False)
+@with_key_options()
 @_mount_options
 @reports_errors
-def mount(source, mountpoint, config_file, labels, log_file, **flags) -> None:
+def mount(source, mountpoint, config_file, key_options, labels, **flags) -> None:
     """Serve the encrypted model directory SOURCE as plain safetensors at MOUNTPOINT."""
-    from ctfs.daemon.config import config_from_options, load_config
+    from ctfs.daemon.config import config_from_options, default_log_file, load_config
 
-    overrides = dict(flags, source=source, mountpoint=mountpoint,
-                     labels=dict(_split_label(l) for l in labels) or None)
+    options = dict(flags, **vars(key_options), labels=dict(_split_label(l) for l in labels))
+    # Only flags given on the command line: a default must not hide the TOML file's value.
+    given = click.get_current_context().get_parameter_source
+    overrides = {name: value for name, value in options.items() if given(name) is not ParameterSource.DEFAULT}
+    overrides.update(source=source, mountpoint=mountpoint)
     config = load_config(config_file, overrides) if config_file else config_from_options(overrides)
     if config.foreground:
         from ctfs.daemon.lifecycle import run_foreground
@@ -259,9 +291,10 @@ def mount(source, mountpoint, config_file, labels, log_file, **flags) -> None:
         return
     from ctfs.daemon.lifecycle import start_background
 
+    log_file = config.log_file or default_log_file(config.mountpoint)
     argv = [sys.executable, "-m", "ctfs", *sys.argv[1:], "--foreground"]
     start_background(argv, config.mountpoint, log_file)
-    click.echo(f"ctfs: serving {config.source} at {config.mountpoint}")
+    click.echo(f"ctfs: serving {config.source} at {config.mountpoint} (log: {log_file})")
 
 
 def _split_label(text: str) -> tuple[str, str]:
@@ -295,8 +328,12 @@ def umount(mountpoint, config_file, stale, lazy, timeout) -> None:
         except (CtfsError, OSError) as exc:
             click.echo(f"ctfs: warning: {exc}", err=True)
         return
-    if mp.mount_entry(mountpoint) is None:
+    entry = mp.mount_entry(mountpoint)
+    if entry is None:
         raise CtfsError(f"{mountpoint} is not mounted")
+    if not mp.is_ctfs(entry):
+        raise CtfsError(f"{mountpoint} is not a ctfs mount ({entry['fstype']} from {entry['source']}); "
+                        "ctfs umount leaves it alone")
     pid = mp.ask_daemon_pid(mountpoint, timeout)
     mp.unmount(mountpoint, lazy=lazy)
     if pid is not None and not lazy and not mp.wait_for_exit(pid, timeout):
@@ -385,7 +422,7 @@ def key() -> None:
 @key.command("import")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @keyring_flag
-@insecure_perms_option
+@_KEY_OPTIONS["insecure_key_perms"]
 @reports_errors
 def key_import(file, insecure_key_perms) -> None:
     """Store every key of a JWK or JWK Set FILE in the keyring, one entry per kid."""
@@ -428,14 +465,15 @@ def key_delete(kid) -> None:
 @click.argument("path", type=click.Path(exists=True))
 @click.option("--new-keys", multiple=True, required=True,
               help="The new master key and signing key (with 'd'): file or directory (repeatable).")
-@key_sources
+@with_key_options()
 @reports_errors
-def rewrap(path, new_keys, chain) -> None:
+def rewrap(path, new_keys, key_options) -> None:
     """Rotate keys of a file or model directory in place: data keys re-wrapped, headers re-signed,
     tensor bytes untouched. Each file is replaced atomically; an interrupted run can be repeated."""
     from ctfs.files.rewrap import REWRAPPED, rewrap_path
 
-    new = KeyStore(load_key_paths(new_keys))
+    chain = key_options.chain()
+    new = KeyStore(load_key_paths(new_keys, check_perms=not key_options.insecure_key_perms))
     # Refuse incomplete new keys before touching any file.
     new.first_encryption_key()
     new.signing_key()

@@ -35,6 +35,13 @@ os.environ["PYTHON_KEYRING_BACKEND"] = "keyring.backends.fail.Keyring"
 for _ambient in ("CRYPTOTENSOR_KEYS", "CREDENTIALS_DIRECTORY"):
     os.environ.pop(_ambient, None)
 
+
+@pytest.fixture(autouse=True, scope="session")
+def private_state_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A background mount without --log-file logs under $XDG_STATE_HOME/ctfs: keep tests' logs out of /var/log."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+
+
 ALGS = ("aes256gcm", "aes128gcm", "chacha20poly1305")
 KEY_LENGTHS = {"aes128gcm": 16, "aes256gcm": 32, "chacha20poly1305": 32}
 RFC_ENC_ALGS = {"aes128gcm": "A128GCM", "aes256gcm": "A256GCM", "chacha20poly1305": "C20P"}

@@ -1,17 +1,23 @@
-"""The offline commands as a user runs them: keygen, encrypt, decrypt, inspect, verify. Each failure is one
-line on stderr with a non-zero exit, leaves no output behind and never touches its source."""
+"""The commands as a user runs them: keygen, encrypt, decrypt, inspect, verify, and what a new user meets
+at mount and umount. Each failure is one line on stderr with a non-zero exit, leaves no output behind and
+never touches its source; every option has help and shows its default."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import click
 import cryptotensors
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import (
     assert_same_tensors,
     flip_file_bit,
@@ -19,8 +25,19 @@ from conftest import (
     split_file,
     write_plain,
 )
-from mounting import ctfs
+from mounting import (
+    CHILD_TIMEOUT,
+    ctfs,
+    daemon_pid,
+    force_unmount,
+    mounted,
+    mountinfo_entry,
+    requires_fuse,
+)
 from safetensors.numpy import load_file
+
+from ctfs import cli
+from ctfs.daemon.config import MountConfig
 
 OTHER_FILES = {"config.json": '{"model_type": "llama"}\n', "tokenizer.json": '{"version": "1.0"}\n',
                "model.safetensors.index.json": '{"weight_map": {}}\n'}
@@ -199,3 +216,190 @@ def test_decrypted_output_is_private_to_its_owner(tmp_path, model_dir, key_file)
     assert ctfs("decrypt", str(enc), str(dec), "--keys", str(key_file)).returncode == 0
     assert stat.S_IMODE(dec.stat().st_mode) == 0o600
     assert np.array_equal(load_file(dec)[sorted(seeded_tensors(2))[0]], seeded_tensors(2)[sorted(seeded_tensors(2))[0]])
+
+
+# -- what a new user hits (issue #12) ---------------------------------------------------------------
+
+def _key_problem(tmp_path, problem: str) -> tuple[list[str], dict[str, str]]:
+    """(key options, environment) that make the key chain fail to build, one way each."""
+    env = dict(os.environ)
+    if problem == "missing file":
+        return ["--keys", str(tmp_path / "missing.jwk")], env
+    bad = tmp_path / "bad.jwk"
+    if problem == "group-readable file":
+        ctfs("keygen", str(bad))
+        bad.chmod(0o644)
+    elif problem == "invalid JWK":
+        bad.write_text('{"kty": "rsa"}')
+        bad.chmod(0o600)
+    else:
+        env["CRYPTOTENSOR_KEYS"] = "{not json"
+        return [], env
+    return ["--keys", str(bad)], env
+
+
+def _run_with_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ctfs", *args], capture_output=True, text=True, env=env,
+                          timeout=CHILD_TIMEOUT, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("problem", ["missing file", "group-readable file", "invalid JWK", "malformed CRYPTOTENSOR_KEYS"])
+@pytest.mark.parametrize("command", ["encrypt", "decrypt", "verify", "rewrap", "inspect", "mount"])
+def test_every_command_reports_a_key_problem_in_one_line(tmp_path, model_dir, key_file, command, problem):
+    enc = tmp_path / "enc.safetensors"
+    assert ctfs("encrypt", str(model_dir / "model-00002-of-00002.safetensors"), str(enc), "--keys",
+                str(key_file)).returncode == 0
+    options, env = _key_problem(tmp_path, problem)
+    env["XDG_STATE_HOME"] = str(tmp_path / "state")
+    (tmp_path / "mnt").mkdir()
+    args = {
+        "encrypt": [str(model_dir / "model-00001-of-00002.safetensors"), str(tmp_path / "out.safetensors")],
+        "decrypt": [str(enc), str(tmp_path / "out.safetensors")],
+        "verify": [str(enc)],
+        "rewrap": [str(enc), "--new-keys", str(key_file)],
+        "inspect": [str(enc)],
+        "mount": [str(tmp_path), str(tmp_path / "mnt")],
+    }[command]
+    if command == "encrypt" and problem == "malformed CRYPTOTENSOR_KEYS":
+        options = ["--keys", str(key_file)]
+    assert_fails_cleanly(_run_with_env(env, command, *args, *options))
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_rewrap_new_keys_obey_insecure_key_perms(tmp_path, model_dir, key_file):
+    enc = tmp_path / "enc.safetensors"
+    ctfs("encrypt", str(model_dir / "model-00002-of-00002.safetensors"), str(enc), "--keys", str(key_file))
+    new = tmp_path / "new.jwk"
+    ctfs("keygen", str(new), "--kid", "next")
+    new.chmod(0o644)
+    assert_fails_cleanly(ctfs("rewrap", str(enc), "--keys", str(key_file), "--new-keys", str(new)), "mode 644")
+    result = ctfs("rewrap", str(enc), "--keys", str(key_file), "--new-keys", str(new), "--insecure-key-perms")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(ctfs("inspect", str(enc), "--json").stdout)["enc_kid"] == "next-enc"
+
+
+@pytest.mark.parametrize("command", ["encrypt", "decrypt"])
+@pytest.mark.parametrize("into_directory", [False, True])
+def test_an_existing_destination_file_is_refused_without_force(tmp_path, model_dir, key_file, command,
+                                                               into_directory):
+    shard = model_dir / "model-00002-of-00002.safetensors"
+    src = shard
+    if command == "decrypt":
+        src = tmp_path / "enc.safetensors"
+        ctfs("encrypt", str(shard), str(src), "--keys", str(key_file))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    existing = out_dir / src.name
+    existing.write_text("mine")
+    dst = out_dir if into_directory else existing
+    assert_fails_cleanly(ctfs(command, str(src), str(dst), "--keys", str(key_file)), str(existing), "--force")
+    assert existing.read_text() == "mine"
+    assert ctfs(command, str(src), str(dst), "--keys", str(key_file), "--force").returncode == 0
+    assert existing.read_bytes()[:8] != b"mine"
+
+
+def test_a_file_that_is_not_safetensors_is_named_as_such(tmp_path, key_file):
+    text = tmp_path / "notes.safetensors"
+    text.write_text("{this is not a model, it is a long line of notes}\n")
+    assert_fails_cleanly(ctfs("inspect", str(text)), "not a safetensors file")
+    assert_fails_cleanly(ctfs("verify", str(text), "--keys", str(key_file)), "not a safetensors file")
+
+
+def _all_commands(group: click.Group, prefix: str = "ctfs") -> list[tuple[str, click.Command]]:
+    found = [(prefix, group)]
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            found += _all_commands(command, f"{prefix} {name}")
+        else:
+            found.append((f"{prefix} {name}", command))
+    return found
+
+
+@pytest.mark.parametrize(("name", "command"), _all_commands(cli.main), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_option_has_help_and_shows_its_default(name, command):
+    for option in (p for p in command.params if isinstance(p, click.Option)):
+        assert option.help, f"{name} {option.opts[0]} has no help text"
+        default = option.to_info_dict()["default"]  # None where no default is set
+        if not option.is_flag and default not in (None, ()):
+            assert option.show_default, f"{name} {option.opts[0]} does not show its default {default!r}"
+
+
+def test_every_mount_option_shows_the_default_it_gets_from_the_mount_config():
+    defaults = {f.name: f.default for f in dataclasses.fields(MountConfig)}
+    for option in (p for p in cli.mount.params if isinstance(p, click.Option)):
+        default = defaults.get(option.name)
+        if option.is_flag or default in (None, dataclasses.MISSING, False):
+            continue
+        assert option.show_default, f"ctfs mount {option.opts[0]} does not show its default {default!r}"
+    assert "default: open" in CliRunner().invoke(cli.main, ["mount", "--help"]).output
+
+
+def test_every_mount_option_is_a_toml_key_of_the_same_name():
+    toml_keys = {f.name for f in dataclasses.fields(MountConfig)}
+    for option in (p for p in cli.mount.params if isinstance(p, click.Option)):
+        if option.name in ("config_file", "help"):
+            continue
+        long_name = next(o for o in option.opts if o.startswith("--"))
+        assert long_name[2:].replace("-", "_") in toml_keys, long_name
+        assert option.name in toml_keys, option.name
+
+
+@requires_fuse
+def test_umount_refuses_a_mount_that_is_not_ctfs(tmp_path):
+    target = tmp_path / "tmpfs"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "ctfs-test-tmpfs", str(target)], check=True, timeout=CHILD_TIMEOUT)
+    try:
+        assert_fails_cleanly(ctfs("umount", str(target)), "not a ctfs mount")
+        assert_fails_cleanly(ctfs("umount", "--lazy", str(target)), "not a ctfs mount")
+        assert mountinfo_entry(target) is not None
+    finally:
+        subprocess.run(["umount", str(target)], timeout=CHILD_TIMEOUT)
+
+
+@pytest.fixture
+def encrypted_source(tmp_path, model_dir, key_file) -> Path:
+    src = tmp_path / "src"
+    assert ctfs("encrypt", str(model_dir), str(src), "--keys", str(key_file)).returncode == 0
+    return src
+
+
+@requires_fuse
+def test_a_background_mount_writes_only_to_its_default_log_after_it_returns(tmp_path, encrypted_source, key_file):
+    mountpoint, state = tmp_path / "mnt", tmp_path / "state"
+    mountpoint.mkdir()
+    env = {**os.environ, "XDG_STATE_HOME": str(state)}
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        result = subprocess.run([sys.executable, "-m", "ctfs", "mount", str(encrypted_source), str(mountpoint),
+                                 "--keys", str(key_file), "--log-level", "debug"], stdout=stdout, stderr=stderr,
+                                env=env, timeout=CHILD_TIMEOUT, stdin=subprocess.DEVNULL)
+    pid = None
+    try:
+        assert result.returncode == 0, err.read_text()
+        pid = daemon_pid(mountpoint)
+        logs = list((state / "ctfs").iterdir())
+        assert len(logs) == 1
+        assert out.read_text().splitlines() == [f"ctfs: serving {encrypted_source} at {mountpoint} (log: {logs[0]})"]
+        assert load_file(mountpoint / "model-00001-of-00002.safetensors")
+    finally:
+        force_unmount(mountpoint, pid)
+    assert "unmounted" in logs[0].read_text()
+    assert err.read_text() == ""
+
+
+@requires_fuse
+@pytest.mark.parametrize("missing", ["key", "signer"])
+def test_a_mount_that_can_open_no_file_warns_or_with_strict_fails(tmp_path, encrypted_source, key_file, missing):
+    other = tmp_path / "other.jwk"
+    ctfs("keygen", str(other), "--kid", "team")  # the same kids, other key bytes
+    options = ["--keys", str(other)] if missing == "key" else ["--keys", str(key_file), "--trust", str(other)]
+    mountpoint = tmp_path / "mnt"
+    with mounted(encrypted_source, mountpoint, *options) as mount:
+        warnings = [line for line in mount.log().splitlines() if "WARNING" in line]
+        assert len(warnings) == 1, mount.log()
+        assert "2 of 2 encrypted file(s)" in warnings[0] and "model-00001-of-00002.safetensors" in warnings[0]
+    result = ctfs("mount", str(encrypted_source), str(mountpoint), *options, "--strict",
+                  "--log-file", str(tmp_path / "strict.log"))
+    assert_fails_cleanly(result, "model-00001-of-00002.safetensors", missing)
+    assert mountinfo_entry(mountpoint) is None

@@ -36,6 +36,7 @@ def test_defaults(tmp_path):
     assert not any((config.insecure_key_perms, config.allow_plain, config.allow_other, config.foreground,
                     config.hide_denied))
     assert (config.policy, config.labels, config.audit_log) == (None, {}, None)
+    assert (config.log_file, config.strict) == (None, False)
 
 
 def test_every_option_from_toml(tmp_path):
@@ -57,6 +58,8 @@ hide_denied = true
 policy_cache_ttl = 30
 threads = 8
 log_level = "debug"
+log_file = "/var/log/ctfs/llama.log"
+strict = true
 follow = ["/var/cache/hf/models--acme--llama"]
 """
     assert {line.split(" =")[0] for line in text.splitlines() if line} == {
@@ -69,7 +72,8 @@ follow = ["/var/cache/hf/models--acme--llama"]
         insecure_key_perms=True, cache_size=2**30, verify="full", allow_plain=True, allow_other=True,
         foreground=True, policy="/etc/ctfs/policy.rego", labels={"env": "prod", "site": "fra1"},
         audit_log="/var/log/ctfs/audit.jsonl", hide_denied=True, policy_cache_ttl=30.0, threads=8,
-        log_level="debug", follow=["/var/cache/hf/models--acme--llama"],
+        log_level="debug", log_file="/var/log/ctfs/llama.log", strict=True,
+        follow=["/var/cache/hf/models--acme--llama"],
     )
     assert isinstance(config.policy_cache_ttl, float)
 
@@ -104,6 +108,7 @@ keys = ["keys/llama.jwks"]
 trust = ["trust/publisher.jwk"]
 policy = "policy/llama.rego"
 audit_log = "audit.log"
+log_file = "llama.log"
 key_command = "bin/get-key --kid"
 allow_jku = ["keys/"]
 """))
@@ -113,6 +118,7 @@ allow_jku = ["keys/"]
     assert config.trust == [str(etc / "trust" / "publisher.jwk")]
     assert config.policy == str(etc / "policy" / "llama.rego")
     assert config.audit_log == str(etc / "audit.log")
+    assert config.log_file == str(etc / "llama.log")
     # A command line and URL prefixes are not paths.
     assert config.key_command == "bin/get-key --kid"
     assert config.allow_jku == ["keys/"]

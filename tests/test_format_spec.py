@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from conftest import (
-    ALGS, KEY_LENGTHS, Keys, b64, canonical_signing_bytes, edit_header, edit_json_field, join_file,
+    KEY_LENGTHS, Keys, b64, canonical_signing_bytes, edit_header, edit_json_field, join_file,
     load_upstream, make_keys, split_file, write_plain, write_upstream,
 )
 

@@ -89,18 +89,21 @@ def test_a_mount_without_its_keys_fails_with_the_reason_and_leaves_nothing(tree,
     assert processes_mentioning(str(mountpoint)) == []
 
 
-@pytest.mark.parametrize(("source", "reason"), [
-    ("missing", "source {root}/missing is not a directory"),
-    ("a-file", "source {root}/a-file is not a directory"),
+@pytest.mark.parametrize(("source", "target", "reason"), [
+    ("missing", "mnt", "source {root}/missing does not exist"),
+    ("a-file", "mnt", "source {root}/a-file is not a directory"),
+    ("src", "no/such/dir", "mount point {root}/no/such/dir does not exist"),
+    ("src", "a-file", "mount point {root}/a-file is not a directory"),
 ])
-def test_a_mount_of_a_bad_source_fails_with_the_reason_and_leaves_nothing(tree, source, reason):
+def test_a_mount_of_a_bad_source_or_mount_point_fails_with_the_reason_and_leaves_nothing(tree, source, target,
+                                                                                         reason):
     root, _, _, key_file = tree
     (root / "a-file").write_text("not a directory")
-    mountpoint = root / "mnt"
-    mountpoint.mkdir()
+    (root / "mnt").mkdir()
+    mountpoint = root / target
     result = ctfs("mount", str(root / source), str(mountpoint), "--keys", str(key_file))
     assert result.returncode != 0
-    assert f"ctfs: error: {reason.format(root=root)}" in result.stderr
+    assert result.stderr.splitlines() == [f"ctfs: error: {reason.format(root=root)}"]
     assert mountinfo_entry(mountpoint) is None
     assert processes_mentioning(str(mountpoint)) == []
 

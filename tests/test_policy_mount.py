@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -148,3 +149,27 @@ def test_audit_lines_name_keys_by_id_and_hold_no_key_material(world):
     assert set(record["key_ids"]) == {keys.enc_kid, keys.sign_kid}
     for secret in (keys.enc_jwk["k"], keys.sign_jwk["d"], keys.master.hex(), keys.seed.hex()):
         assert secret not in text
+
+
+def test_a_policy_matches_a_venv_python_on_cmdline_not_on_exe(world, tmp_path):
+    """A venv's bin/python is a symlink: process.exe is the base interpreter it resolves to, so a policy names
+    the venv by cmdline[0], the path the reader was started as (docs/policy.md)."""
+    root, keys, key_file, plain = world
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=CHILD_TIMEOUT)
+    venv_python = venv / "bin" / "python"
+    assert venv_python.is_symlink()
+    src = encrypted_dir(root, keys, plain)
+    by_cmdline = write_policy(root, f'package model\nimport rego.v1\nallow if input.process.cmdline[0] == "{venv_python}"\n')
+    read = [str(venv_python), "-c", "import sys; sys.stdout.write(str(len(open(sys.argv[1], 'rb').read())))"]
+    audit = root / "audit.log"
+    with mounted(src, root / "mnt", "--keys", str(key_file), "--policy", str(by_cmdline),
+                 "--audit-log", str(audit)) as mount:
+        assert subprocess.run([*read, mount.path(MODEL)], capture_output=True, timeout=CHILD_TIMEOUT).returncode == 0
+        assert read_as(mount.path(MODEL), exe="cat").returncode != 0
+    record = next(r for r in audit_records(audit) if r["decision"] == "allow")
+    assert record["process"]["exe"] == os.path.realpath(venv_python) != str(venv_python)
+
+    by_exe = write_policy(root, f'package model\nimport rego.v1\nallow if input.process.exe == "{venv_python}"\n')
+    with mounted(src, root / "mnt", "--keys", str(key_file), "--policy", str(by_exe)) as mount:
+        assert subprocess.run([*read, mount.path(MODEL)], capture_output=True, timeout=CHILD_TIMEOUT).returncode != 0

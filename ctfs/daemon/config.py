@@ -69,6 +69,10 @@ class MountConfig:
     # FUSE worker threads; None lets the daemon choose.
     threads: int | None = None
     log_level: str = "info"
+    # Where a background mount's daemon writes its log; None: default_log_file(mountpoint).
+    log_file: str | None = None
+    # Refuse to start when some encrypted file's master key or signer is missing, instead of warning.
+    strict: bool = False
 
 
 _REQUIRED = tuple(f.name for f in dataclasses.fields(MountConfig)
@@ -166,10 +170,25 @@ _CHECKS: dict[str, Callable[[object], object]] = {
     "cache_size": _cache_size, "verify": _choice(VERIFY_MODES), "allow_plain": _boolean,
     "allow_other": _boolean, "foreground": _boolean, "policy": _string, "labels": _labels,
     "audit_log": _string, "hide_denied": _boolean, "policy_cache_ttl": _seconds,
-    "threads": _threads, "log_level": _choice(LOG_LEVELS), "follow": _strings,
+    "threads": _threads, "log_level": _choice(LOG_LEVELS), "log_file": _string, "strict": _boolean,
+    "follow": _strings,
 }
 # Fields naming local files; key_command and allow_jku are a command line and URL prefixes, not paths.
-_PATH_FIELDS = frozenset({"source", "mountpoint", "keys", "trust", "policy", "audit_log", "follow"})
+_PATH_FIELDS = frozenset({"source", "mountpoint", "keys", "trust", "policy", "audit_log", "log_file", "follow"})
+
+
+def default_log_file(mountpoint: str) -> str:
+    """Where a background mount logs without log_file: under $XDG_STATE_HOME/ctfs when that is set,
+    else /var/log/ctfs for root and ~/.local/state/ctfs for anyone else, named after the mount point."""
+    state_home = os.environ.get("XDG_STATE_HOME", "")
+    if os.path.isabs(state_home):
+        directory = Path(state_home, "ctfs")
+    elif os.geteuid() == 0:
+        directory = Path("/var/log/ctfs")
+    else:
+        directory = Path.home() / ".local" / "state" / "ctfs"
+    name = os.path.abspath(mountpoint).strip("/").replace("/", "-") or "root"
+    return str(directory / f"{name}.log")
 
 
 def _absolute(path: str, base_dir: Path) -> str:

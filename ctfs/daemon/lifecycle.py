@@ -25,9 +25,10 @@ from ctfs.daemon.mountpoint import (
     mount_entry,
     raise_readahead,
 )
+from ctfs.daemon.preflight import describe_unopenable, unopenable_files
 from ctfs.daemon.source import ModelSource, SourceOptions
 from ctfs.errors import CtfsError
-from ctfs.keys.chain import KeyChain, build_chain
+from ctfs.keys.chain import KeyChain, KeyOptions
 from ctfs.policy.audit import AuditLog
 from ctfs.policy.gate import PolicyGate
 
@@ -57,8 +58,7 @@ def make_undumpable() -> None:
 
 def build_keys(config: MountConfig) -> KeyChain:
     """The mount's key chain (docs/keys.md); built again on every reload, which empties its caches."""
-    chain = build_chain(config.keys, config.trust, config.key_command, config.allow_jku,
-                        check_perms=not config.insecure_key_perms)
+    chain = KeyOptions.of(config).chain()
     if not chain.may_decrypt():
         raise CtfsError("no encryption key: give --keys, a systemd credential, CRYPTOTENSOR_KEYS, "
                         "a keyring entry or a key command")
@@ -105,13 +105,21 @@ class Daemon:
         return ask_daemon_pid(self.mountpoint, HEALTH_CHECK_TIMEOUT) == os.getpid()
 
     def _prepare_mountpoint(self) -> None:
-        if not os.path.isdir(self.config.source):
-            raise CtfsError(f"source {self.config.source} is not a directory")
+        _require_directory("source", self.config.source)
         clean_stale(self.mountpoint)
-        if not os.path.isdir(self.mountpoint):
-            raise CtfsError(f"mount point {self.mountpoint} is not a directory")
+        _require_directory("mount point", self.mountpoint)
         if mount_entry(self.mountpoint) is not None:
             raise CtfsError(f"{self.mountpoint} is already a mount point; unmount it first")
+
+    def _check_keys_open_the_source(self) -> None:
+        """Say now, not at each open, which files these keys cannot open; with `strict`, refuse to start."""
+        problems, encrypted = unopenable_files(self.config.source, self.source.keys)
+        if not problems:
+            return
+        line = describe_unopenable(problems, encrypted)
+        if self.config.strict:
+            raise CtfsError(line)
+        log.warning("%s", line)
 
     def _on_init(self) -> None:
         # Called by libfuse from inside the mount: readiness is announced from another thread once a
@@ -178,6 +186,7 @@ class Daemon:
         """Serve until unmounted or stopped; the caller has blocked RELOAD_SIGNAL and STOP_SIGNALS."""
         threading.Thread(target=self._take_signals, name="ctfs-signals", daemon=True).start()
         self._prepare_mountpoint()
+        self._check_keys_open_the_source()
         if self.stop_requested.is_set():
             return
         ops = Operations(self.source, self._on_init)
@@ -198,6 +207,13 @@ class Daemon:
 def default_threads() -> int:
     """FUSE worker threads: readers waiting on a chunk's decryption hold one each, so more than cores."""
     return max(8, 2 * (os.cpu_count() or 1))
+
+
+def _require_directory(what: str, path: str) -> None:
+    if not os.path.exists(path):
+        raise CtfsError(f"{what} {path} does not exist")
+    if not os.path.isdir(path):
+        raise CtfsError(f"{what} {path} is not a directory")
 
 
 def _report_to_parent(message: str) -> bool:
@@ -231,20 +247,19 @@ def run_foreground(config: MountConfig) -> None:
         raise SystemExit(1) from None  # the `ctfs mount` that started us reports it, once
 
 
-def start_background(argv: list[str], mountpoint: str, log_file: str | None) -> None:
-    """Start `argv` (a foreground mount) detached and return once it serves; raise with its reason if
-    it fails, leaving nothing mounted."""
-    read_end, write_end = os.pipe()
-    stderr = open(log_file, "ab") if log_file else None
-    try:
-        proc = subprocess.Popen(
-            argv, pass_fds=(write_end,), env={**os.environ, READY_FD_ENV: str(write_end)},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-        )
-    finally:
-        os.close(write_end)
-        if stderr:
-            stderr.close()
+def start_background(argv: list[str], mountpoint: str, log_file: str) -> None:
+    """Start `argv` (a foreground mount) detached, everything it prints going to `log_file`, and return
+    once it serves; raise with its reason if it fails, leaving nothing mounted."""
+    Path(log_file).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(log_file, "ab") as log_out:
+        read_end, write_end = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                argv, pass_fds=(write_end,), env={**os.environ, READY_FD_ENV: str(write_end)},
+                stdin=subprocess.DEVNULL, stdout=log_out, stderr=log_out, start_new_session=True,
+            )
+        finally:
+            os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         message = pipe.readline().decode(errors="replace").strip()
     if message == "ready":
@@ -256,8 +271,7 @@ def start_background(argv: list[str], mountpoint: str, log_file: str | None) -> 
         code = proc.wait()
     if mount_entry(mountpoint) is not None and is_stale(mountpoint):
         clean_stale(mountpoint)
-    reason = message.removeprefix("error: ") if message else f"daemon exited with status {code}"
-    if log_file:
-        with open(log_file, "a") as log_out:
-            log_out.write(f"ctfs mount: not started: {reason}\n")
+    reason = message.removeprefix("error: ") if message else f"daemon exited with status {code} (log: {log_file})"
+    with open(log_file, "a") as log_out:
+        log_out.write(f"ctfs mount: not started: {reason}\n")
     raise CtfsError(reason)

@@ -38,6 +38,14 @@ def mount_entry(mountpoint: str) -> dict[str, str] | None:
     return found  # the last entry wins: it is the one on top
 
 
+FSNAME = "ctfs"  # what /proc/mounts shows as our mounts' source; their type is fuse.ctfs
+
+
+def is_ctfs(entry: dict[str, str]) -> bool:
+    """Whether a mount_entry() is a ctfs mount: ctfs never touches anyone else's."""
+    return entry["fstype"] == f"fuse.{FSNAME}" or (entry["fstype"] == "fuse" and entry["source"] == FSNAME)
+
+
 # What the kernel answers on a mount whose daemon died: ENOTCONN, or ECONNABORTED for a request that
 # was in flight, or arrived while the connection was being torn down.
 DEAD_MOUNT_ERRNOS = frozenset({errno.ENOTCONN, errno.ECONNABORTED})
@@ -104,8 +112,9 @@ def abort_and_detach(mountpoint: str) -> None:
 
 
 def clean_stale(mountpoint: str) -> bool:
-    """Lazily unmount a dead mount left by a killed daemon; True if one was there."""
-    if mount_entry(mountpoint) is None or not is_stale(mountpoint):
+    """Lazily unmount a dead ctfs mount left by a killed daemon; True if one was there."""
+    entry = mount_entry(mountpoint)
+    if entry is None or not is_ctfs(entry) or not is_stale(mountpoint):
         return False
     log.warning("%s: removing a stale mount left by a daemon that died", mountpoint)
     unmount(mountpoint, lazy=True)

@@ -88,7 +88,9 @@ def read_header_size(prefix: bytes, source: str) -> int:
         raise FormatError(f"{source}: file too short for a safetensors header ({len(prefix)} bytes)")
     (size,) = struct.unpack("<Q", prefix[:HEADER_PREFIX_SIZE])
     if size > MAX_HEADER_SIZE:
-        raise FormatError(f"{source}: header of {size} bytes exceeds the {MAX_HEADER_SIZE}-byte limit")
+        # Text, an archive, a pickle: any other file's first 8 bytes read as an absurd length.
+        raise FormatError(f"{source}: not a safetensors file (its first 8 bytes give a header length of {size}, "
+                          f"which exceeds the {MAX_HEADER_SIZE}-byte limit)")
     return size
 
 

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 from ctfs.errors import CtfsError, KeyUnavailable
 from ctfs.format.encryption import KeyRef
@@ -126,6 +127,26 @@ def build_chain(
                 JkuFiles(list(allow_jku), check_perms) if allow_jku else None]
     providers = holders + [p for p in fetchers if p is not None]
     return KeyChain(providers, trust_providers(trust, holders))
+
+
+@dataclass(frozen=True)
+class KeyOptions:
+    """The key options of every command and of the mount config, by their option names (docs/keys.md)."""
+
+    keys: Sequence[str] = ()
+    trust: Sequence[str] = ()
+    key_command: str | None = None
+    allow_jku: Sequence[str] = ()
+    insecure_key_perms: bool = False
+
+    @classmethod
+    def of(cls, holder: object) -> KeyOptions:
+        """The key options of anything that carries them as attributes of the same names (a MountConfig)."""
+        return cls(**{f.name: getattr(holder, f.name) for f in fields(cls)})
+
+    def chain(self) -> KeyChain:
+        return build_chain(self.keys, self.trust, self.key_command, self.allow_jku,
+                           check_perms=not self.insecure_key_perms)
 
 
 def trust_providers(trust: Sequence[str], holders: list[KeyProvider]) -> list[KeyProvider]:
