@@ -125,6 +125,8 @@ BAD_ENTRIES = {
     "missing field": {"dtype": "U8", "shape": [4]},
     "extra field": {**U8, "extra": 1},
     "not an object": [0, 4],
+    "list dtype": tensor([], [4], 0, 4),
+    "object dtype": tensor({"U8": 1}, [4], 0, 4),
     "float shape": tensor("U8", [4.0], 0, 4),
     "bool shape": tensor("U8", [True, 4], 0, 4),
     "negative shape": tensor("U8", [-4], 0, 4),
