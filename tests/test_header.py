@@ -457,6 +457,15 @@ def test_generated_headers_parse_and_round_trip(raw):
     assert round_trips_unless_refused(raw)
 
 
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+CRYPTO_KEYS_FIELDS = ("version", "chunk_size", "enc", "sign", "alg", "kty", "kid", "jku")
+ENTRY_FIELDS = ("wrapped_key", "key_iv", "key_tag", "base_iv", "tags", "iv", "tag")
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_tensor_entries_with_random_json_values_are_refused_or_round_trip(upstream_header, data):
@@ -468,15 +477,6 @@ def test_tensor_entries_with_random_json_values_are_refused_or_round_trip(upstre
     else:
         entry[field] = data.draw(JSON_VALUES)
     round_trips_unless_refused(json.dumps(obj).encode())
-
-
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=10),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
-    max_leaves=8,
-)
-CRYPTO_KEYS_FIELDS = ("version", "chunk_size", "enc", "sign", "alg", "kty", "kid", "jku")
-ENTRY_FIELDS = ("wrapped_key", "key_iv", "key_tag", "base_iv", "tags", "iv", "tag")
 
 
 @settings(max_examples=300, deadline=None)
