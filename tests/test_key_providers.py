@@ -384,7 +384,7 @@ def test_keys_never_reach_logs_errors_argv_or_the_commands_environment(tmp_path,
                                       trust=[trust_file(tmp_path)]))
     errors.append(str(failure.value))
 
-    texts = [caplog.text, *errors, json.dumps(kms.calls), repr(chain.encryption_key(ENC1)), repr(chain.static.keys)]
+    texts = [caplog.text, *errors, json.dumps(kms.calls), repr(chain.encryption_key(ENC1)), repr(chain.providers)]
     for secret in (RIGHT.master, RIGHT.seed, WRONG.master, WRONG.seed, WRONG.master[:20]):
         for encoded in encodings(secret):
             assert not any(encoded in text for text in texts), "key material leaked"
