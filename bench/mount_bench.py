@@ -1,7 +1,7 @@
 """Benchmark the mount against the targets of issue 3, every figure and ratio measured in one run.
 
     sudo .venv/bin/python bench/mount_bench.py            # 1 GiB file + 1 GiB sharded model
-    sudo .venv/bin/python bench/mount_bench.py --quick    # small sizes, seconds: a smoke test
+    sudo .venv/bin/python bench/mount_bench.py --quick    # small sizes, seconds: a smoke test (exit 0 whatever the verdicts)
 
 It builds its data in a temporary directory (a safetensors file of F32/F16 tensors and a Llama-style
 model in BF16 shards), encrypts both with `ctfs encrypt` (format 2), and measures:
@@ -20,7 +20,7 @@ model in BF16 shards), encrypts both with `ctfs encrypt` (format 2), and measure
 
 Throughputs are in GB/s (10^9 bytes); each figure is the median of `--repeat` runs. Cold runs need root
 (to drop the page cache): without it they are reported but marked warm. Mounts and files are cleaned up
-even when the run fails or is interrupted.
+even when the run fails or is interrupted. A full run exits 1 when it misses a target.
 """
 
 from __future__ import annotations
@@ -646,6 +646,10 @@ def main() -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     print_table(rows, args)
+    # The targets are set for full-size runs: a quick run's figures neither meet nor miss them, so it
+    # fails only when the bench itself does.
+    if args.quick:
+        return 0
     return 0 if all(r.ok is not False for r in rows) else 1
 
 

@@ -19,6 +19,7 @@ def run_bench(*args: str, timeout: float) -> subprocess.CompletedProcess:
 
 def test_format_bench_decrypts_to_the_original_and_prints_every_target(tmp_path):
     result = run_bench(str(BENCH / "format_bench.py"), "--size", "8M", "--tmpdir", str(tmp_path), timeout=300)
+    # It prints PASS or FAIL beside each target and exits 0 either way: anything else is a crash.
     assert result.returncode == 0, result.stderr
     assert "decrypted file identical to the source: True" in result.stdout
     for line in ("ctfs encrypt_file >= 1.0x reference save", "ctfs decrypt_file >= 1.0x reference load",
@@ -30,8 +31,9 @@ def test_format_bench_decrypts_to_the_original_and_prints_every_target(tmp_path)
 @requires_fuse
 def test_mount_bench_quick_measures_everything_and_leaves_nothing_mounted(tmp_path):
     result = run_bench(str(BENCH / "mount_bench.py"), "--quick", "--workdir", str(tmp_path), timeout=600)
-    # Exit 1 means a target was missed, which is a figure, not a failure of the tool.
-    assert result.returncode in (0, 1), result.stderr
+    # A quick run's sizes are too small for the targets, so its verdicts are shown but do not set the exit
+    # status: anything but 0 is a failure of the bench itself.
+    assert result.returncode == 0, result.stderr
     for row in ("cold read, 1 MiB reads", "warm re-read", "load_file cold mount", "decrypted / served",
                 "daemon peak RSS", "ceiling: null FUSE daemon (no disk, no crypto)",
                 "ceiling: null FUSE daemon warm re-read"):

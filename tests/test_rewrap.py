@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import statistics
+import signal
 import subprocess
 import sys
-import time
-from collections import Counter
 from pathlib import Path
 
 import cryptotensors
@@ -38,14 +35,18 @@ from ctfs.files.rewrap import ALREADY_NEW, REWRAPPED, rewrap_file
 OLD = make_keys(seed=0)  # enc1 / sign1
 NEW = make_keys(seed=1, enc_kid="enc2", sign_kid="sign2")
 POLICY = 'package model\nallow if { time.now_ns() > 0 }'
-KILL_TRIALS = 30
+KILL_TIMEOUT = 120.0  # only keeps a stuck child from hanging the run
 
-# Runs `ctfs` in a child that says when its imports are done, so kills land in the rewrap itself.
+# Runs `ctfs` in a child that the kernel kills, as abruptly as kill -9, at the first write past argv[1]
+# bytes of any file: a kill at a chosen byte of the output, whatever the machine's speed.
 DRIVER = """\
-import sys
+import ctypes, resource, signal, sys
 from ctfs.cli import main
-print("ready", flush=True)
-main(sys.argv[1:])
+limit = int(sys.argv[1])
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: no core file
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it, which turns the kill into an exception
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+main(sys.argv[2:])
 """
 
 
@@ -193,7 +194,7 @@ def test_ctfs_rewrap_refuses_new_keys_without_a_signing_key_before_touching_anyt
     assert path.read_bytes() == original
 
 
-# -- kill -9 at random moments ---------------------------------------------------------------------------
+# -- killed at every stage of the write --------------------------------------------------------------------
 
 def few_megabytes() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(7)
@@ -201,57 +202,37 @@ def few_megabytes() -> dict[str, np.ndarray]:
             "head": rng.standard_normal((256, 1024)).astype(np.float16), **seeded_tensors(7)}
 
 
-def start_rewrap(driver: Path, path: Path, old: str, new: str) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(driver), "rewrap", str(path), "--keys", old, "--new-keys", new],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert proc.stdout.readline() == b"ready\n"
-    return proc
+def rewrap_killed_at(driver: Path, limit: int, path: Path, old: str, new: str) -> int:
+    """`ctfs rewrap` in a child the kernel kills, by SIGXFSZ, when a write would take a file past `limit`
+    bytes; its exit status."""
+    proc = subprocess.run([sys.executable, str(driver), str(limit), "rewrap", str(path), "--keys", old,
+                           "--new-keys", new], check=False, capture_output=True, timeout=KILL_TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+    return proc.returncode
 
 
-def write_window(driver: Path, pristine: Path, target: Path, old: str, new: str) -> tuple[float, float]:
-    """Seconds from the child's "ready" until its temporary file appears, and until the rename."""
-    shutil.copyfile(pristine, target)
-    inode = target.stat().st_ino
-    proc = start_rewrap(driver, target, old, new)
-    started, first_write = time.monotonic(), None
-    while target.stat().st_ino == inode:
-        if first_write is None and len(os.listdir(target.parent)) > 1:
-            first_write = time.monotonic() - started
-        time.sleep(0.0002)
-    renamed = time.monotonic() - started
-    assert proc.wait() == 0
-    return first_write or renamed, renamed
-
-
-def test_kill_9_at_any_moment_leaves_the_old_file_or_the_new_one(tmp_path):
+def test_a_kill_at_any_byte_of_the_write_leaves_the_old_file_and_once_written_the_new_one(tmp_path):
     pristine = write_upstream(tmp_path / "pristine", few_megabytes(), OLD, None, chunk_size=256 * 1024)
     old, new = key_file(tmp_path / "old.jwk", OLD), key_file(tmp_path / "new.jwk", NEW)
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
+    # Where the rewrapped file's header ends and the file ends (the same for every rewrap of it).
+    finished = shutil.copyfile(pristine, tmp_path / "finished")
+    rewrap_file(finished, OLD.store, NEW.store)
+    size = finished.stat().st_size
+    header_end = size - len(split_file(finished)[1])
     work = tmp_path / "work"
     work.mkdir()
     target = work / "model.safetensors"
 
-    windows = [write_window(driver, pristine, target, old, new) for _ in range(3)]
-    # Kills are spread around the write. The aim drifts later after a kill that came before the first
-    # write and earlier after one that came after the rename, so a machine that gets busier or quieter
-    # mid-test does not push every kill to one side.
-    aim = statistics.median((first_write + renamed) / 2 for first_write, renamed in windows)
-
-    rng = random.Random(20240607)
-    outcomes: Counter[str] = Counter()
-    for _ in range(KILL_TRIALS):
+    for limit in (0, 1, header_end - 1, header_end, header_end + 1, (header_end + size) // 2, size - 1):
         shutil.copyfile(pristine, target)
-        proc = start_rewrap(driver, target, old, new)
-        time.sleep(aim * rng.uniform(0.3, 1.7))
-        proc.kill()
-        proc.wait()
+        assert rewrap_killed_at(driver, limit, target, old, new) == -signal.SIGXFSZ, limit
         # The new file has no name until complete, so a kill mid-write leaves nothing beside the target.
-        assert [p for p in work.iterdir() if p != target] == []
-        state = "old" if opens_with(target, OLD) else "new" if opens_with(target, NEW) else "CORRUPT"
-        outcomes[state] += 1
-        aim *= 0.8 if state == "new" else 1.25
-    assert not outcomes["CORRUPT"], outcomes
-    # The kills must have landed on both sides of the rename (test_crash_safety.py kills mid-write
-    # deterministically: an unnamed file leaves no trace here to tell those kills apart).
-    assert outcomes["new"] and outcomes["old"], outcomes
+        assert [p for p in work.iterdir() if p != target] == [], limit
+        assert target.read_bytes() == pristine.read_bytes(), limit
+
+    shutil.copyfile(pristine, target)
+    assert rewrap_killed_at(driver, size, target, old, new) == 0  # the whole file fits: nothing kills it
+    assert list(work.iterdir()) == [target]
+    assert opens_with(target, NEW)

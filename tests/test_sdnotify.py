@@ -1,18 +1,20 @@
-"""sd_notify against a real AF_UNIX datagram socket in systemd's place: exact datagrams, watchdog timing."""
+"""sd_notify against a real AF_UNIX datagram socket in systemd's place: exact datagrams, watchdog pacing."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
-import statistics
 import struct
 import threading
-import time
 import uuid
 
 import pytest
 
 from ctfs.daemon import sdnotify
+
+# Only keeps a broken test from hanging: nothing here waits on the clock.
+HANG_TIMEOUT = 10.0
 
 
 class FakeManager:
@@ -24,7 +26,7 @@ class FakeManager:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind(address)
 
-    def receive(self, timeout: float = 2.0) -> tuple[bytes, int]:
+    def receive(self, timeout: float = HANG_TIMEOUT) -> tuple[bytes, int]:
         """The next datagram and its sender's pid; raises TimeoutError when none comes."""
         self.sock.settimeout(timeout)
         data, ancillary, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
@@ -32,17 +34,16 @@ class FakeManager:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS]
         return data, pids[0]
 
-    def datagrams_within(self, seconds: float) -> list[tuple[float, bytes]]:
-        """Every datagram arriving in the next `seconds`, with its arrival time."""
+    def pending(self) -> list[bytes]:
+        """Every datagram already sent, without waiting: a send to a datagram socket has queued it here
+        by the time sendto() returns."""
+        self.sock.setblocking(False)
         received = []
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                data, _pid = self.receive(timeout=left)
-            except TimeoutError:
-                break
-            received.append((time.monotonic(), data))
-        return received
+        try:
+            while True:
+                received.append(self.sock.recv(4096))
+        except BlockingIOError:
+            return received
 
     def close(self) -> None:
         self.sock.close()
@@ -80,16 +81,15 @@ def test_ready_without_status(manager):
     assert manager.receive()[0] == b"READY=1"
 
 
-def test_status_reloading_and_stopping_datagrams(manager):
-    sdnotify.status("opening keys")
+def test_reloading_and_stopping_datagrams(manager):
     sdnotify.reloading()
     sdnotify.stopping()
-    assert [manager.receive()[0] for _ in range(3)] == [b"STATUS=opening keys", b"RELOADING=1", b"STOPPING=1"]
+    assert [manager.receive()[0] for _ in range(2)] == [b"RELOADING=1", b"STOPPING=1"]
 
 
 def test_a_status_text_cannot_smuggle_another_assignment(manager):
-    sdnotify.status("bad file\nREADY=1")
-    assert manager.receive()[0] == b"STATUS=bad file READY=1"
+    sdnotify.ready("bad file\nSTOPPING=1")
+    assert manager.receive()[0] == b"READY=1\nSTATUS=bad file STOPPING=1"
 
 
 def test_notify_from_another_thread_carries_the_process_pid_and_keeps_the_environment(manager):
@@ -134,57 +134,103 @@ def test_watchdog_timeout_follows_usec_and_pid(monkeypatch, usec, pid, expected)
     assert sdnotify.watchdog_timeout() == expected
 
 
-def test_watchdog_pings_at_half_the_timeout_and_stops(manager, monkeypatch):
-    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+class Periods:
+    """The watchdog's wait between pings, driven by the test instead of the clock: the first `passing` waits
+    return at once, as if their period had passed; the next one holds the watchdog until stop()."""
+
+    def __init__(self, passing: int):
+        self.asked: list[float] = []  # the seconds each wait was for
+        self.stopped: threading.Event | None = None  # the watchdog's stop flag, once it first waits
+        self.holding = threading.Event()  # set when the watchdog waits for stop()
+        self._passing = passing
+
+    def __call__(self, stopped: threading.Event, seconds: float) -> bool:
+        self.asked.append(seconds)
+        self.stopped = stopped
+        if len(self.asked) <= self._passing:
+            return stopped.is_set()
+        self.holding.set()
+        return stopped.wait()
+
+
+def expect_watchdog(monkeypatch, usec: str) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", usec)
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
-    watchdog = sdnotify.Watchdog()
-    started = time.monotonic()
+
+
+def run_watchdog(periods: Periods, healthy=None) -> None:
+    """Start a watchdog, let it ping through the periods that pass, then stop it."""
+    watchdog = sdnotify.Watchdog(healthy, wait=periods)
     assert watchdog.start() is True
-    pings = manager.datagrams_within(0.65)
-    watchdog.stop()
+    try:
+        assert periods.holding.wait(HANG_TIMEOUT), "the watchdog never came to wait for stop()"
+    finally:
+        watchdog.stop()
 
-    assert {data for _, data in pings} == {b"WATCHDOG=1"}
-    assert pings[0][0] - started < 0.05, "the first ping goes out at once"
-    assert 5 <= len(pings) <= 8
-    gaps = [later - earlier for (earlier, _), (later, _) in zip(pings, pings[1:])]
-    assert 0.08 <= statistics.median(gaps) <= 0.13
 
-    manager.datagrams_within(0.05)  # a ping already in flight at stop()
-    assert manager.datagrams_within(0.3) == []
+def test_watchdog_pings_at_once_then_at_half_the_timeout_and_not_after_stop(manager, monkeypatch):
+    expect_watchdog(monkeypatch, "30000000")
+    periods = Periods(passing=3)
+    run_watchdog(periods)
+    assert periods.asked == [15.0] * 4
+    # One ping before the first wait, one after each of the three periods; none once stopped.
+    assert manager.pending() == [b"WATCHDOG=1"] * 4
+
+
+def test_a_health_check_in_flight_at_stop_sends_no_ping(manager, monkeypatch):
+    expect_watchdog(monkeypatch, "30000000")
+    in_flight, finish = threading.Event(), threading.Event()
+    checks = itertools.count()
+
+    def second_check_outlives_stop() -> bool:
+        if next(checks) == 1:
+            in_flight.set()
+            finish.wait(HANG_TIMEOUT)
+        return True
+
+    periods = Periods(passing=1)
+    watchdog = sdnotify.Watchdog(second_check_outlives_stop, wait=periods)
+    assert watchdog.start() is True
+    assert in_flight.wait(HANG_TIMEOUT)
+    stopper = threading.Thread(target=watchdog.stop)
+    stopper.start()
+    assert periods.stopped.wait(HANG_TIMEOUT)
+    finish.set()
+    stopper.join()
+    assert manager.pending() == [b"WATCHDOG=1"]  # the first check's ping only
 
 
 def test_watchdog_does_nothing_when_systemd_expects_no_pings(manager):
-    watchdog = sdnotify.Watchdog()
+    periods = Periods(passing=0)
+    watchdog = sdnotify.Watchdog(wait=periods)
     assert watchdog.start() is False
-    assert manager.datagrams_within(0.2) == []
     watchdog.stop()
+    assert (manager.pending(), periods.asked) == ([], [])
 
 
 def test_watchdog_addressed_to_another_process_stays_silent(manager, monkeypatch):
     monkeypatch.setenv("WATCHDOG_USEC", "100000")
     monkeypatch.setenv("WATCHDOG_PID", "1")
-    watchdog = sdnotify.Watchdog()
+    periods = Periods(passing=0)
+    watchdog = sdnotify.Watchdog(wait=periods)
     assert watchdog.start() is False
-    assert manager.datagrams_within(0.2) == []
     watchdog.stop()
+    assert (manager.pending(), periods.asked) == ([], [])
 
 
-def test_watchdog_withholds_pings_while_unhealthy(manager, monkeypatch):
-    monkeypatch.setenv("WATCHDOG_USEC", "100000")
-    healthy = threading.Event()
-    with sdnotify.Watchdog(healthy.is_set):
-        assert manager.datagrams_within(0.3) == []
-        healthy.set()
-        pings = manager.datagrams_within(0.3)
-    assert len(pings) >= 2
-    assert {data for _, data in pings} == {b"WATCHDOG=1"}
+def test_watchdog_withholds_pings_while_unhealthy_and_resumes_when_healthy_again(manager, monkeypatch):
+    expect_watchdog(monkeypatch, "100000")
+    answers = iter([False, False, True, True, False, True])
+    run_watchdog(Periods(passing=5), lambda: next(answers))
+    assert manager.pending() == [b"WATCHDOG=1"] * 3
 
 
-def test_a_failing_health_check_counts_as_unhealthy(manager, monkeypatch):
-    monkeypatch.setenv("WATCHDOG_USEC", "100000")
+@pytest.mark.parametrize("error", [OSError("Transport endpoint is not connected"), KeyError("a bug")])
+def test_a_failing_health_check_counts_as_unhealthy(manager, monkeypatch, error):
+    expect_watchdog(monkeypatch, "100000")
 
     def broken() -> bool:
-        raise OSError("Transport endpoint is not connected")
+        raise error
 
-    with sdnotify.Watchdog(broken):
-        assert manager.datagrams_within(0.3) == []
+    run_watchdog(Periods(passing=2), broken)
+    assert manager.pending() == []

@@ -55,11 +55,6 @@ def ready(status: str | None = None) -> bool:
     return notify("READY=1" if status is None else f"READY=1\nSTATUS={_one_line(status)}")
 
 
-def status(text: str) -> bool:
-    """Set the line `systemctl status` shows."""
-    return notify(f"STATUS={_one_line(text)}")
-
-
 def reloading() -> bool:
     """Announce a reload (keys on SIGHUP); send ready() when it is done."""
     return notify("RELOADING=1")
@@ -91,10 +86,15 @@ class Watchdog:
     `healthy` is the liveness test (e.g. "the daemon answers through its mount"). It may block: a check
     stuck on a hung mount sends no ping, which is exactly how systemd learns to restart us. An
     exception from it counts as unhealthy. Without a watchdog configured, start() does nothing.
+
+    `wait(stopped, seconds)` paces the pings: it returns True once `stopped` is set, False when the
+    seconds have passed (Event.wait; tests pass one that lets periods pass on their say-so).
     """
 
-    def __init__(self, healthy: Callable[[], bool] | None = None):
+    def __init__(self, healthy: Callable[[], bool] | None = None,
+                 wait: Callable[[threading.Event, float], bool] = threading.Event.wait):
         self._healthy = healthy
+        self._wait = wait
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -117,13 +117,6 @@ class Watchdog:
             self._thread.join(timeout)
             self._thread = None
 
-    def __enter__(self) -> Watchdog:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
     def _is_healthy(self) -> bool:
         if self._healthy is None:
             return True
@@ -144,5 +137,5 @@ class Watchdog:
             # Checked again after the health check, which may have been slow: no ping after stop().
             if healthy and not self._stopped.is_set():
                 notify("WATCHDOG=1")
-            if self._stopped.wait(period):
+            if self._wait(self._stopped, period):
                 return

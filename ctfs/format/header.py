@@ -150,7 +150,7 @@ def _parse_tensor(name: str, entry: Any, source: str) -> TensorInfo:
     if not isinstance(entry, dict) or set(entry) != set(TENSOR_FIELDS):
         raise FormatError(f"{where}: entry must have exactly the fields dtype, shape, data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise FormatError(f"{where}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise FormatError(f"{where}: shape must be a list of non-negative integers")
