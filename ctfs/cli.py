@@ -72,6 +72,13 @@ trust_option = click.option("--trust", multiple=True,
 key_command_option = click.option("--key-command", help="Command printing a master key as a JWK (docs/keys.md).")
 allow_jku_option = click.option("--allow-jku", multiple=True,
                                 help="file:// prefix under which a header's jku may supply a master key.")
+# Signed model directories (OpenSSF model signing, DIR/model.sig).
+model_key_option = click.option("--model-key", type=click.Path(exists=True, dir_okay=False),
+                                help="EC private key (PEM) to sign the whole directory with: writes DIR/model.sig.")
+model_key_out_option = click.option("--model-key", type=click.Path(dir_okay=False),
+                                    help="Also write a P-256 model signing key here (mode 0600), public half as *.pub.pem.")
+model_pubkey_option = click.option("--model-pubkey", type=click.Path(exists=True, dir_okay=False),
+                                   help="The pinned public key (PEM) the directory's model.sig must verify with.")
 
 
 def key_sources(func):
@@ -99,15 +106,23 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False), required=False)
 @click.option("--alg", type=click.Choice(sorted(ENC_KEY_LENGTHS)), default="aes256gcm", show_default=True)
 @click.option("--kid", help="Key id prefix (default: random); the keys get KID-enc and KID-sign.")
+@model_key_out_option
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
 @reports_errors
-def keygen(out: str, alg: str, kid: str | None, force: bool) -> None:
-    """Write a JWK Set with a new encryption key and a new Ed25519 signing key (mode 0600)."""
-    if os.path.exists(out) and not force:
+def keygen(out: str | None, alg: str, kid: str | None, model_key: str | None, force: bool) -> None:
+    """Write a JWK Set with a new encryption key and a new Ed25519 signing key (mode 0600),
+    and/or a model signing key pair (--model-key)."""
+    if not out and not model_key:
+        raise CtfsError("give OUT, --model-key, or both")
+    if out and os.path.exists(out) and not force:
         raise CtfsError(f"{out} exists; pass --force to overwrite it")
+    if model_key:
+        _write_model_key(Path(model_key), force)
+    if not out:
+        return
     prefix = kid or secrets.token_hex(4)
     seed = secrets.token_bytes(32)
     keys = [
@@ -130,11 +145,13 @@ def keygen(out: str, alg: str, kid: str | None, force: bool) -> None:
 @click.option("--tensors", multiple=True, help="Encrypt only these tensors (repeatable); others stay plain.")
 @click.option("--policy", "policy_file", type=click.Path(exists=True, dir_okay=False),
               help="Rego policy (package model, rule allow) to embed.")
+@model_key_option
 @insecure_perms_option
 @reports_errors
-def encrypt(src, dst, keys, format_version, chunk_size, tensors, policy_file, insecure_key_perms) -> None:
+def encrypt(src, dst, keys, format_version, chunk_size, tensors, policy_file, model_key, insecure_key_perms) -> None:
     """Encrypt a .safetensors file, or every one in a model directory (other files are copied)."""
     store = KeyStore(load_key_paths(keys, check_perms=not insecure_key_perms))
+    signer = _directory_signer(Path(src), model_key, insecure_key_perms)
     policy = None
     if policy_file:
         from ctfs.policy.engine import validate_policy
@@ -144,7 +161,8 @@ def encrypt(src, dst, keys, format_version, chunk_size, tensors, policy_file, in
     options = EncryptOptions(format_version, chunk_size, tensors or None, policy)
     enc_key, sign_key = store.first_encryption_key(), store.signing_key()
     _apply(Path(src), Path(dst), "encrypt",
-           lambda s, d, cb: encrypt_file(s, d, enc_key, sign_key, options, on_bytes=cb))
+           lambda s, d, cb: encrypt_file(s, d, enc_key, sign_key, options, on_bytes=cb),
+           finish=signer.sign if signer else None)
 
 
 @main.command()
@@ -157,11 +175,11 @@ def decrypt(src, dst, chain) -> None:
     _apply(Path(src), Path(dst), "decrypt", lambda s, d, cb: decrypt_file(s, d, chain, on_bytes=cb))
 
 
-def _apply(src: Path, dst: Path, verb: str, operation) -> None:
+def _apply(src: Path, dst: Path, verb: str, operation, finish=None) -> None:
     if src.is_dir():
         files = [src / rel for rel in walk_files(src) if is_safetensors(rel)]
         with progress(safetensors_data_bytes(files), verb) as bar:
-            done = transform_tree(src, dst, lambda s, d: operation(s, d, bar.update))
+            done = transform_tree(src, dst, lambda s, d: operation(s, d, bar.update), finish)
         click.echo(f"{verb}ed {len(done)} safetensors file(s) from {src} into {dst}")
     else:
         if dst.is_dir():
@@ -199,14 +217,70 @@ def inspect(file, keys, trust, as_json, insecure_key_perms) -> None:
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True))
+@model_pubkey_option
 @key_sources
 @reports_errors
-def verify(path, chain) -> None:
-    """Check the signature and every tag of a file, or of every safetensors file in a directory."""
+def verify(path, model_pubkey, chain) -> None:
+    """Check the signature and every tag of a file, or of every safetensors file in a directory.
+    With --model-pubkey, first check the directory against its model.sig; then the CryptoTensors
+    signatures and tags only if key options are given too."""
+    if model_pubkey:
+        _verify_model_signature(Path(path), model_pubkey)
+        if not _key_options_given():
+            return
     files = safetensors_files(Path(path))
     with progress(safetensors_data_bytes(files), "verify") as bar:
         verify_files(files, chain, on_bytes=bar.update)
     click.echo(f"verified {len(files)} file(s): signatures and every tag are valid")
+
+
+# -- signed model directories (OpenSSF model signing, model.sig) ------------------------------------
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--model-key", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="EC private key (PEM; P-256, P-384 or P-521).")
+@insecure_perms_option
+@reports_errors
+def sign(directory, model_key, insecure_key_perms) -> None:
+    """Write DIRECTORY/model.sig (OpenSSF model signing) covering every file of the directory."""
+    signer = _directory_signer(Path(directory), model_key, insecure_key_perms)
+    click.echo(f"signed {directory}: wrote {signer.sign(directory)}")
+
+
+def _directory_signer(src: Path, model_key: str | None, insecure_key_perms: bool):
+    """The signer for --model-key, loaded before any work is done; None without the option."""
+    if not model_key:
+        return None
+    if not src.is_dir():
+        raise CtfsError("--model-key signs a model directory, and SRC is a single file")
+    from ctfs.files.modelsig import DirectorySigner
+
+    return DirectorySigner(model_key, check_perms=not insecure_key_perms)
+
+
+def _write_model_key(private_key: Path, force: bool) -> None:
+    from ctfs.files.modelsig import public_key_path, write_key_pair
+
+    for path in (private_key, public_key_path(private_key)):
+        if path.exists() and not force:
+            raise CtfsError(f"{path} exists; pass --force to overwrite it")
+    public = write_key_pair(private_key)
+    click.echo(f"wrote {private_key}: model signing key (EC P-256), public key {public}")
+
+
+def _verify_model_signature(path: Path, model_pubkey: str) -> None:
+    if not path.is_dir():
+        raise CtfsError("--model-pubkey checks a model directory, and PATH is a single file")
+    from ctfs.files.modelsig import SIGNATURE_NAME, verify_directory
+
+    manifest = verify_directory(path, model_pubkey)
+    click.echo(f"verified {SIGNATURE_NAME}: the directory holds exactly its {len(manifest.paths)} signed file(s)")
+
+
+def _key_options_given() -> bool:
+    params = click.get_current_context().params
+    return any(params.get(name) for name in ("keys", "trust", "key_command", "allow_jku"))
 
 
 # -- the mount ---------------------------------------------------------------------------------------
@@ -216,7 +290,7 @@ def _mount_options(func):
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                      help="TOML file with the mount options; flags given here override it."),
         click.option("--keys", "-k", "keys", multiple=True, help="JWK / JWK Set file or directory (repeatable)."),
-        trust_option, key_command_option, allow_jku_option,
+        trust_option, key_command_option, allow_jku_option, model_pubkey_option,
         click.option("--cache-size", help="Bytes of decrypted chunks kept in memory, e.g. 512M (default 256M)."),
         click.option("--verify", type=click.Choice(["open", "full"]), default=None,
                      help="full: check every tag at a file's first open (safe for mmap readers)."),

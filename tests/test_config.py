@@ -57,6 +57,7 @@ hide_denied = true
 policy_cache_ttl = 30
 threads = 8
 log_level = "debug"
+model_pubkey = "/etc/ctfs/trust/publisher.pub.pem"
 """
     assert {line.split(" =")[0] for line in text.splitlines() if line} == {
         f.name for f in dataclasses.fields(MountConfig)}, "every option can be set in the file"
@@ -68,7 +69,7 @@ log_level = "debug"
         insecure_key_perms=True, cache_size=2**30, verify="full", allow_plain=True, allow_other=True,
         foreground=True, policy="/etc/ctfs/policy.rego", labels={"env": "prod", "site": "fra1"},
         audit_log="/var/log/ctfs/audit.jsonl", hide_denied=True, policy_cache_ttl=30.0, threads=8,
-        log_level="debug",
+        log_level="debug", model_pubkey="/etc/ctfs/trust/publisher.pub.pem",
     )
     assert isinstance(config.policy_cache_ttl, float)
 
@@ -105,6 +106,7 @@ policy = "policy/llama.rego"
 audit_log = "audit.log"
 key_command = "bin/get-key --kid"
 allow_jku = ["keys/"]
+model_pubkey = "trust/publisher.pub.pem"
 """))
     assert config.source == str(tmp_path / "srv" / "encrypted" / "llama")
     assert config.mountpoint == "/srv/models/llama"
@@ -112,6 +114,7 @@ allow_jku = ["keys/"]
     assert config.trust == [str(etc / "trust" / "publisher.jwk")]
     assert config.policy == str(etc / "policy" / "llama.rego")
     assert config.audit_log == str(etc / "audit.log")
+    assert config.model_pubkey == str(etc / "trust" / "publisher.pub.pem")
     # A command line and URL prefixes are not paths.
     assert config.key_command == "bin/get-key --kid"
     assert config.allow_jku == ["keys/"]

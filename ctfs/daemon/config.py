@@ -67,6 +67,9 @@ class MountConfig:
     # FUSE worker threads; None lets the daemon choose.
     threads: int | None = None
     log_level: str = "info"
+    # The pinned public key (PEM) of whoever signs the source directory's model.sig (OpenSSF model
+    # signing); when set, only the files it lists, with the bytes it records, may be served.
+    model_pubkey: str | None = None
 
 
 _REQUIRED = tuple(f.name for f in dataclasses.fields(MountConfig)
@@ -164,10 +167,10 @@ _CHECKS: dict[str, Callable[[object], object]] = {
     "cache_size": _cache_size, "verify": _choice(VERIFY_MODES), "allow_plain": _boolean,
     "allow_other": _boolean, "foreground": _boolean, "policy": _string, "labels": _labels,
     "audit_log": _string, "hide_denied": _boolean, "policy_cache_ttl": _seconds,
-    "threads": _threads, "log_level": _choice(LOG_LEVELS),
+    "threads": _threads, "log_level": _choice(LOG_LEVELS), "model_pubkey": _string,
 }
 # Fields naming local files; key_command and allow_jku are a command line and URL prefixes, not paths.
-_PATH_FIELDS = frozenset({"source", "mountpoint", "keys", "trust", "policy", "audit_log"})
+_PATH_FIELDS = frozenset({"source", "mountpoint", "keys", "trust", "policy", "audit_log", "model_pubkey"})
 
 
 def _absolute(path: str, base_dir: Path) -> str:

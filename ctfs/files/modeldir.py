@@ -49,12 +49,14 @@ def copy_file(src: Path, dst: Path) -> None:
             shutil.copyfileobj(fin, fout, 16 * 1024 * 1024)
 
 
-def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Path], None]) -> list[Path]:
+def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Path], None],
+                   finish: Callable[[Path], None] | None = None) -> list[Path]:
     """`transform(src_file, dst_file)` every safetensors file; copy the rest unchanged.
 
     The tree is built in a hidden sibling of `dst` and renamed into place once complete, so a failure
-    leaves no partial output; `dst` must not exist yet, or be an empty directory. Returns the
-    safetensors files handled, relative to `src`.
+    leaves no partial output; `dst` must not exist yet, or be an empty directory. `finish(tree)` runs
+    on the complete tree before the rename (it is named like `dst`). Returns the safetensors files
+    handled, relative to `src`.
     """
     check_distinct(src, dst)
     if not src.is_dir():
@@ -62,8 +64,11 @@ def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Path], None]
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CtfsError(f"destination {dst} exists and is not an empty directory")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".ctfs-tmp"))
+    scratch = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".ctfs-tmp"))
+    # The tree carries dst's own name while it is built: a model signature records that name.
+    staging = scratch / dst.name
     try:
+        staging.mkdir()
         done = []
         for rel in walk_files(src):
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -72,12 +77,15 @@ def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Path], None]
                 done.append(rel)
             else:
                 copy_file(src / rel, staging / rel)
+        if finish is not None:
+            finish(staging)
         staging.chmod(0o755)
         if dst.exists():
             dst.rmdir()
         staging.rename(dst)
+        scratch.rmdir()
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
         raise
     return done
 
