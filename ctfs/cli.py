@@ -76,7 +76,7 @@ allow_jku_option = click.option("--allow-jku", multiple=True,
 model_key_option = click.option("--model-key", type=click.Path(exists=True, dir_okay=False),
                                 help="EC private key (PEM) to sign the whole directory with: writes DIR/model.sig.")
 model_key_out_option = click.option("--model-key", type=click.Path(dir_okay=False),
-                                    help="Also write a P-256 model signing key here (mode 0600), public half as *.pub.pem.")
+                                    help="Write a P-256 model signing key here (0600), its public half as *.pub.pem.")
 model_pubkey_option = click.option("--model-pubkey", type=click.Path(exists=True, dir_okay=False),
                                    help="The pinned public key (PEM) the directory's model.sig must verify with.")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -103,7 +104,8 @@ def _check_ec_key_file(path: Path, *, private: bool) -> None:
         raise KeyUnavailable(f"{path}: cannot read key file ({exc.strerror})") from None
     except (ValueError, TypeError, UnsupportedAlgorithm):
         raise KeyUnavailable(f"{path}: not a PEM {kind} key (without a password)") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) or key.curve.name not in SUPPORTED_CURVES:
+    is_ec = isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey)
+    if not is_ec or key.curve.name not in SUPPORTED_CURVES:
         raise KeyUnavailable(f"{path}: model signing takes an EC {kind} key on P-256, P-384 or P-521")
 
 
@@ -135,7 +137,7 @@ class ModelManifest:
             manifest = sign_ec_key.Verifier(public_key).verify(signature)
         except InvalidSignature:
             raise IntegrityError(f"{signature_path}: the signature does not verify with {public_key}") from None
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:  # malformed in many ways
             raise IntegrityError(f"{signature_path}: does not verify with {public_key}: {_first_line(exc)}") from None
         return cls._from_manifest(signature_path, manifest)
 
@@ -227,8 +229,11 @@ def verify_directory(directory: str | os.PathLike[str], public_key: str | os.Pat
 
 
 def _matches(manifest: ModelManifest, directory: Path, rel: str) -> bool:
-    fd = os.open(directory / rel, os.O_RDONLY)
+    # O_NONBLOCK: a FIFO put where a listed file was must not hang the check.
+    fd = os.open(directory / rel, os.O_RDONLY | os.O_NONBLOCK)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
         manifest.check(rel, fd)
     except IntegrityError:
         return False
