@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import stat
 import tempfile
@@ -196,7 +197,8 @@ class ModelManifest:
 
 def _shard_size(signature_path: Path, value: object) -> int:
     # The signed statement is JSON read through protobuf's Struct: every number arrives as a float.
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 1:
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not is_number or not 1 <= value < math.inf or value != int(value):
         raise IntegrityError(f"{signature_path}: shard size {value!r} is not a positive integer")
     return int(value)
 
