@@ -82,6 +82,13 @@ _KEY_OPTIONS = {
 }
 # A new file is encrypted and signed with keys held up front: a lookup by kid (command, jku) cannot supply them.
 _KEYS_HELD = ("keys", "insecure_key_perms")
+# Signed model directories (OpenSSF model signing, DIR/model.sig).
+model_key_option = click.option("--model-key", type=click.Path(exists=True, dir_okay=False),
+                                help="EC private key (PEM) to sign the whole directory with: writes DIR/model.sig.")
+model_key_out_option = click.option("--model-key", type=click.Path(dir_okay=False),
+                                    help="Write a P-256 model signing key here (0600), its public half as *.pub.pem.")
+model_pubkey_option = click.option("--model-pubkey", type=click.Path(exists=True, dir_okay=False),
+                                   help="The pinned public key (PEM) the directory's model.sig must verify with.")
 
 
 def with_key_options(names: tuple[str, ...] = tuple(_KEY_OPTIONS)):
@@ -118,15 +125,24 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False), required=False)
 @click.option("--alg", type=click.Choice(sorted(ENC_KEY_LENGTHS)), default="aes256gcm", show_default=True,
               help="Algorithm of the encryption key.")
 @click.option("--kid", help="Key id prefix; the keys get KID-enc and KID-sign.", show_default="random")
+@model_key_out_option
 @force_option
 @reports_errors
-def keygen(out: str, alg: str, kid: str | None, force: bool) -> None:
-    """Write a JWK Set with a new encryption key and a new Ed25519 signing key (mode 0600)."""
-    refuse_to_overwrite(Path(out), force)
+def keygen(out: str | None, alg: str, kid: str | None, model_key: str | None, force: bool) -> None:
+    """Write a JWK Set with a new encryption key and a new Ed25519 signing key (mode 0600),
+    and/or a model signing key pair (--model-key)."""
+    if not out and not model_key:
+        raise CtfsError("give OUT, --model-key, or both")
+    if out:
+        refuse_to_overwrite(Path(out), force)
+    if model_key:
+        _write_model_key(Path(model_key), force)
+    if not out:
+        return
     prefix = kid or secrets.token_hex(4)
     seed = secrets.token_bytes(32)
     keys = [
@@ -150,11 +166,13 @@ def keygen(out: str, alg: str, kid: str | None, force: bool) -> None:
 @click.option("--tensors", multiple=True, help="Encrypt only these tensors (repeatable); others stay plain.")
 @click.option("--policy", "policy_file", type=click.Path(exists=True, dir_okay=False),
               help="Rego policy (package model, rule allow) to embed.")
+@model_key_option
 @force_option
 @reports_errors
-def encrypt(src, dst, key_options, format_version, chunk_size, tensors, policy_file, force) -> None:
+def encrypt(src, dst, key_options, format_version, chunk_size, tensors, policy_file, model_key, force) -> None:
     """Encrypt a .safetensors file, or every one in a model directory (other files are copied)."""
     keys = key_options.chain()
+    signer = _directory_signer(Path(src), model_key, key_options.insecure_key_perms)
     policy = None
     if policy_file:
         from ctfs.policy.engine import validate_policy
@@ -164,7 +182,8 @@ def encrypt(src, dst, key_options, format_version, chunk_size, tensors, policy_f
     options = EncryptOptions(format_version, chunk_size, tensors or None, policy)
     enc_key, sign_key = keys.first_encryption_key(), keys.signing_key()
     _apply(Path(src), Path(dst), force, "encrypt",
-           lambda s, d, cb: encrypt_file(s, d, enc_key, sign_key, options, on_bytes=cb))
+           lambda s, d, cb: encrypt_file(s, d, enc_key, sign_key, options, on_bytes=cb),
+           finish=signer.sign if signer else None)
 
 
 @main.command()
@@ -179,11 +198,11 @@ def decrypt(src, dst, key_options, force) -> None:
     _apply(Path(src), Path(dst), force, "decrypt", lambda s, d, cb: decrypt_file(s, d, chain, on_bytes=cb))
 
 
-def _apply(src: Path, dst: Path, force: bool, verb: str, operation) -> None:
+def _apply(src: Path, dst: Path, force: bool, verb: str, operation, finish=None) -> None:
     if src.is_dir():
         files = [src / rel for rel in walk_files(src) if is_safetensors(rel)]
         with progress(safetensors_data_bytes(files), verb) as bar:
-            done = transform_tree(src, dst, lambda s, d: operation(s, d, bar.update))
+            done = transform_tree(src, dst, lambda s, d: operation(s, d, bar.update), finish)
         click.echo(f"{verb}ed {len(done)} safetensors file(s) from {src} into {dst}")
     else:
         if dst.is_dir():
@@ -221,15 +240,70 @@ def inspect(file, key_options, as_json) -> None:
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True))
+@model_pubkey_option
 @with_key_options()
 @reports_errors
-def verify(path, key_options) -> None:
-    """Check the signature and every tag of a file, or of every safetensors file in a directory."""
+def verify(path, model_pubkey, key_options) -> None:
+    """Check the signature and every tag of a file, or of every safetensors file in a directory.
+    With --model-pubkey, first check the directory against its model.sig; then the CryptoTensors
+    signatures and tags only if key options are given too."""
+    if model_pubkey:
+        _verify_model_signature(Path(path), model_pubkey)
+        if not _key_options_given():
+            return
     chain = key_options.chain()
     files = safetensors_files(Path(path))
     with progress(safetensors_data_bytes(files), "verify") as bar:
         verify_files(files, chain, on_bytes=bar.update)
     click.echo(f"verified {len(files)} file(s): signatures and every tag are valid")
+
+
+# -- signed model directories (OpenSSF model signing, model.sig) ------------------------------------
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--model-key", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="EC private key (PEM; P-256, P-384 or P-521).")
+@_KEY_OPTIONS["insecure_key_perms"]
+@reports_errors
+def sign(directory, model_key, insecure_key_perms) -> None:
+    """Write DIRECTORY/model.sig (OpenSSF model signing) covering every file of the directory."""
+    signer = _directory_signer(Path(directory), model_key, insecure_key_perms)
+    click.echo(f"signed {directory}: wrote {signer.sign(directory)}")
+
+
+def _directory_signer(src: Path, model_key: str | None, insecure_key_perms: bool):
+    """The signer for --model-key, loaded before any work is done; None without the option."""
+    if not model_key:
+        return None
+    if not src.is_dir():
+        raise CtfsError("--model-key signs a model directory, and SRC is a single file")
+    from ctfs.files.modelsig import DirectorySigner
+
+    return DirectorySigner(model_key, check_perms=not insecure_key_perms)
+
+
+def _write_model_key(private_key: Path, force: bool) -> None:
+    from ctfs.files.modelsig import public_key_path, write_key_pair
+
+    for path in (private_key, public_key_path(private_key)):
+        refuse_to_overwrite(path, force)
+    public = write_key_pair(private_key)
+    click.echo(f"wrote {private_key}: model signing key (EC P-256), public key {public}")
+
+
+def _verify_model_signature(path: Path, model_pubkey: str) -> None:
+    if not path.is_dir():
+        raise CtfsError("--model-pubkey checks a model directory, and PATH is a single file")
+    from ctfs.files.modelsig import SIGNATURE_NAME, verify_directory
+
+    manifest = verify_directory(path, model_pubkey)
+    click.echo(f"verified {SIGNATURE_NAME}: the directory holds exactly its {len(manifest.paths)} signed file(s)")
+
+
+def _key_options_given() -> bool:
+    params = click.get_current_context().params
+    return any(params.get(name) for name in ("keys", "trust", "key_command", "allow_jku"))
 
 
 # -- the mount ---------------------------------------------------------------------------------------
@@ -248,6 +322,7 @@ def _mount_options(func):
         click.option("--follow", multiple=True,
                      help="Directory that symlinks in the source may point into (repeatable); e.g. a Hugging "
                           "Face cache's models--ORG--NAME when SOURCE is one of its snapshots."),
+        model_pubkey_option,
         click.option("--policy", help="Operator Rego policy applied on top of each file's own."),
         click.option("--labels", "--label", "labels", multiple=True,
                      help="KEY=VALUE fact about this host for policies (repeatable)."),

@@ -61,6 +61,7 @@ log_level = "debug"
 log_file = "/var/log/ctfs/llama.log"
 strict = true
 follow = ["/var/cache/hf/models--acme--llama"]
+model_pubkey = "/etc/ctfs/trust/publisher.pub.pem"
 """
     assert {line.split(" =")[0] for line in text.splitlines() if line} == {
         f.name for f in dataclasses.fields(MountConfig)}, "every option can be set in the file"
@@ -73,7 +74,7 @@ follow = ["/var/cache/hf/models--acme--llama"]
         foreground=True, policy="/etc/ctfs/policy.rego", labels={"env": "prod", "site": "fra1"},
         audit_log="/var/log/ctfs/audit.jsonl", hide_denied=True, policy_cache_ttl=30.0, threads=8,
         log_level="debug", log_file="/var/log/ctfs/llama.log", strict=True,
-        follow=["/var/cache/hf/models--acme--llama"],
+        follow=["/var/cache/hf/models--acme--llama"], model_pubkey="/etc/ctfs/trust/publisher.pub.pem",
     )
     assert isinstance(config.policy_cache_ttl, float)
 
@@ -111,6 +112,7 @@ audit_log = "audit.log"
 log_file = "llama.log"
 key_command = "bin/get-key --kid"
 allow_jku = ["keys/"]
+model_pubkey = "trust/publisher.pub.pem"
 """))
     assert config.source == str(tmp_path / "srv" / "encrypted" / "llama")
     assert config.mountpoint == "/srv/models/llama"
@@ -119,6 +121,7 @@ allow_jku = ["keys/"]
     assert config.policy == str(etc / "policy" / "llama.rego")
     assert config.audit_log == str(etc / "audit.log")
     assert config.log_file == str(etc / "llama.log")
+    assert config.model_pubkey == str(etc / "trust" / "publisher.pub.pem")
     # A command line and URL prefixes are not paths.
     assert config.key_command == "bin/get-key --kid"
     assert config.allow_jku == ["keys/"]

@@ -73,6 +73,9 @@ class MountConfig:
     log_file: str | None = None
     # Refuse to start when some encrypted file's master key or signer is missing, instead of warning.
     strict: bool = False
+    # The pinned public key (PEM) of whoever signs the source directory's model.sig (OpenSSF model
+    # signing); when set, only the files it lists, with the bytes it records, may be served.
+    model_pubkey: str | None = None
 
 
 _REQUIRED = tuple(f.name for f in dataclasses.fields(MountConfig)
@@ -171,10 +174,11 @@ _CHECKS: dict[str, Callable[[object], object]] = {
     "allow_other": _boolean, "foreground": _boolean, "policy": _string, "labels": _labels,
     "audit_log": _string, "hide_denied": _boolean, "policy_cache_ttl": _seconds,
     "threads": _threads, "log_level": _choice(LOG_LEVELS), "log_file": _string, "strict": _boolean,
-    "follow": _strings,
+    "follow": _strings, "model_pubkey": _string,
 }
 # Fields naming local files; key_command and allow_jku are a command line and URL prefixes, not paths.
-_PATH_FIELDS = frozenset({"source", "mountpoint", "keys", "trust", "policy", "audit_log", "log_file", "follow"})
+_PATH_FIELDS = frozenset({"source", "mountpoint", "keys", "trust", "policy", "audit_log", "log_file", "follow",
+                          "model_pubkey"})
 
 
 def default_log_file(mountpoint: str) -> str:

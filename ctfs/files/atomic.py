@@ -11,7 +11,7 @@ import resource
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -205,18 +205,24 @@ class HeldTree:
     def output(self, rel: Path) -> HeldOutput:
         return HeldOutput(self, rel)
 
-    def publish(self) -> None:
-        """Name every file and put the tree at `dst`, which must not exist or be an empty directory."""
+    def publish(self, finish: Callable[[Path], None] | None = None) -> None:
+        """Name every file and put the tree at `dst`, which must not exist or be an empty directory;
+        `finish(tree)` runs on the complete, named tree just before it moves into place."""
         with _staging_directory(self.dst.parent, self.dst.name) as staging:
+            tree = staging / self.dst.name  # dst's own name while it is finished: a model signature records it
+            tree.mkdir()
             for rel, file in self.files.items():
-                (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-                file.link(staging / rel)
-            for directory, _, _ in os.walk(staging):
+                (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+                file.link(tree / rel)
+            if finish is not None:
+                finish(tree)
+            for directory, _, _ in os.walk(tree):
                 fsync_dir(Path(directory))
-            staging.chmod(0o755)
+            tree.chmod(0o755)
             if self.dst.exists():
                 self.dst.rmdir()
-            staging.rename(self.dst)
+            tree.rename(self.dst)
+            staging.rmdir()
         fsync_dir(self.dst.parent)
 
     def close(self) -> None:

@@ -55,11 +55,13 @@ def copy_file(src: Path, dst: Output) -> None:
             shutil.copyfileobj(fin, fout, 16 * 1024 * 1024)
 
 
-def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Output], None]) -> list[Path]:
+def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Output], None],
+                   finish: Callable[[Path], None] | None = None) -> list[Path]:
     """`transform(src_file, output)` every safetensors file; copy the rest unchanged.
 
     Every output file stays unnamed until the whole tree is written, then the tree appears at `dst` in
     one short step (see HeldTree): a failure or a kill leaves no partial output, and no plaintext.
+    `finish(tree)` runs on the complete tree, named like `dst`, before it is moved into place.
     `dst` must not exist yet, or be an empty directory. Returns the safetensors files handled,
     relative to `src`.
     """
@@ -79,7 +81,7 @@ def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Output], Non
                 done.append(rel)
             else:
                 copy_file(src / rel, tree.output(rel))
-        tree.publish()
+        tree.publish(finish)
     return done
 
 

@@ -22,6 +22,8 @@ from ctfs.keys.providers import (
     environment_keys,
 )
 
+from ctfs.keys.store import KeyStore
+
 log = logging.getLogger("ctfs.keys")
 
 # A kid no provider knows is asked again only after this long: a reader retrying an open must not
@@ -39,6 +41,8 @@ class KeyChain:
     def __init__(self, providers: Sequence[KeyProvider], trust: Sequence[KeyProvider]):
         self.providers = list(providers)
         self.trust = list(trust)
+        # The keys known up front, in provider order: what `ctfs encrypt` signs and encrypts with.
+        self.static = KeyStore([k for p in self.providers if isinstance(p, StaticKeys) for k in p.keys])
         self._found: dict[tuple[str, KeyRef], list[Key]] = {}
         self._missed: dict[tuple[str, KeyRef], float] = {}
         self._cache_lock = threading.Lock()
@@ -55,6 +59,12 @@ class KeyChain:
 
     def trusted_verify_keys(self, ref: KeyRef) -> list[bytes]:
         return [key.public for key in self._answer("trust", self.trust, ref)]
+
+    def signing_key(self) -> SigningKey:
+        return self.static.signing_key()
+
+    def first_encryption_key(self) -> EncryptionKey:
+        return self.static.first_encryption_key()
 
     def may_decrypt(self) -> bool:
         """Whether any provider could supply a master key (one that is asked per kid might)."""
