@@ -16,6 +16,7 @@ from ctfs.daemon import sdnotify
 from ctfs.daemon.chunk_cache import ChunkCache
 from ctfs.daemon.config import AUDIT_TO_JOURNAL, MountConfig
 from ctfs.daemon.fuse_ops import Operations, mount_options
+from ctfs.daemon.integrity import ModelGuard
 from ctfs.daemon.lowlevel import Session
 from ctfs.daemon.mountpoint import (
     abort_and_detach,
@@ -186,6 +187,8 @@ class Daemon:
         """Serve until unmounted or stopped; the caller has blocked RELOAD_SIGNAL and STOP_SIGNALS."""
         threading.Thread(target=self._take_signals, name="ctfs-signals", daemon=True).start()
         self._prepare_mountpoint()
+        if self.config.model_pubkey:
+            self.source.guard = ModelGuard.load(self.source.root, self.config.model_pubkey)
         self._check_keys_open_the_source()
         if self.stop_requested.is_set():
             return
@@ -199,6 +202,8 @@ class Daemon:
             self.watchdog.stop()
             session.close()
             self.cache.close()
+            if self.source.guard is not None:
+                self.source.guard.close()
         if not self.ready.is_set() and not self.stop_requested.is_set():
             raise CtfsError(f"could not mount {self.mountpoint} (see the messages above)")
         log.info("unmounted %s", self.mountpoint)

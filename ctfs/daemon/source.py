@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ctfs.daemon.chunk_cache import ChunkCache
-from ctfs.daemon.served import OpenVersion, PassthroughFile, PlainView, verify_and_publish
+from ctfs.daemon.served import (
+    OpenVersion,
+    PassthroughFile,
+    PlainView,
+    verify_and_publish,
+)
 from ctfs.errors import AccessDenied, FormatError, StaleVersion
 from ctfs.files.encrypted import EncryptedFile
 from ctfs.files.fileio import FileIdentity, read_header
@@ -25,6 +30,7 @@ from ctfs.keys.store import KeySource
 from ctfs.policy.context import path_text
 
 if TYPE_CHECKING:
+    from ctfs.daemon.integrity import ModelGuard
     from ctfs.policy.context import Reader
     from ctfs.policy.gate import PolicyGate
 
@@ -86,8 +92,10 @@ class ModelSource:
     """Maps paths under the mount to the source directory and opens file versions for reading."""
 
     def __init__(self, root: str | os.PathLike[str], keys: KeySource, cache: ChunkCache,
-                 options: SourceOptions | None = None, gate: PolicyGate | None = None):
+                 options: SourceOptions | None = None, gate: PolicyGate | None = None,
+                 guard: ModelGuard | None = None):
         self.root = os.path.realpath(root)
+        self.guard = guard
         self.keys = keys
         self.cache = cache
         self.options = options or SourceOptions()
@@ -123,7 +131,12 @@ class ModelSource:
                                path_text(target), " and the followed roots" if self.options.follow else "")
                 raise PermissionError(13, "symlink points outside the allowed roots", path)
             real, st = target, os.stat(target)
-        return self._entry_of(real, st, path)
+        entry = self._entry_of(real, st, path)
+        if self.guard is not None and entry.kind is not Kind.DIRECTORY and not self.guard.listed(path):
+            self._say_once(("unlisted", path, entry.identity), logging.WARNING,
+                           "%s: not listed in the signed model.sig: not served", path_text(path))
+            raise FileNotFoundError(2, "not listed in model.sig", path)
+        return entry
 
     def listing(self, directory: Entry, path: str, reader: Reader | None) -> list[tuple[str, Entry]]:
         """What a directory lists: every servable name, less our temp files, refused symlinks and, with
@@ -202,19 +215,29 @@ class ModelSource:
                                "mount with --allow-plain to serve it")
         if entry.kind is not Kind.ENCRYPTED:
             fd = os.open(entry.real, os.O_RDONLY | os.O_CLOEXEC)
-            if FileIdentity.of(os.fstat(fd)) != entry.identity:
+            try:
+                if FileIdentity.of(os.fstat(fd)) != entry.identity:
+                    raise StaleVersion(f"{path_text(path)}: changed since it was looked up")
+                self._check_signed_bytes(path, fd, entry.identity)
+            except BaseException:
                 os.close(fd)
-                raise StaleVersion(f"{path_text(path)}: changed since it was looked up")
+                raise
             return PassthroughFile(fd, entry.identity)
         encrypted = EncryptedFile(entry.real, self.keys, label=path_text(path))
         try:
             if encrypted.identity != entry.identity:
                 raise StaleVersion(f"{path_text(path)}: changed since it was looked up")
+            self._check_signed_bytes(path, encrypted.fileno(), entry.identity)
             self._admit(path, encrypted, reader, publish)
         except BaseException:
             encrypted.close()
             raise
         return PlainView(encrypted, self.cache, self.options.readahead_chunks)
+
+    def _check_signed_bytes(self, path: str, fd: int, identity: FileIdentity) -> None:
+        """With a signed model directory, the bytes of this version must be those model.sig records."""
+        if self.guard is not None:
+            self.guard.check(path, fd, identity)
 
     def _admit(self, path: str, encrypted: EncryptedFile, reader: Reader | None,
                publish: Callable[[int, memoryview], object] | None) -> None:

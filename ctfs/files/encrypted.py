@@ -162,6 +162,10 @@ class EncryptedFile:
     def _nonce(cipher: TensorCipher, index: int) -> bytes:
         return chunk_nonce(cipher.iv, index) if cipher.chunk_size else cipher.iv
 
+    def fileno(self) -> int:
+        """The descriptor of the file version this object verified and reads."""
+        return self._fd
+
     def read_stored(self, data_offset: int, length: int) -> bytes:
         return pread_exact(self._fd, length, self.header.data_start + data_offset, self.label)
 

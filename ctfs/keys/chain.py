@@ -21,7 +21,6 @@ from ctfs.keys.providers import (
     credential_keys,
     environment_keys,
 )
-
 from ctfs.keys.store import KeyStore
 
 log = logging.getLogger("ctfs.keys")
