@@ -225,10 +225,28 @@ def test_build_input_takes_credentials_from_fuse_and_the_rest_from_proc():
         "path": "/llama/model-00001-of-00002.safetensors",
         "name": "model-00001-of-00002.safetensors",
         "model_dir": "/llama",
+        "utf8": True,
     }
     assert doc["time"] == {"rfc3339": "2025-03-04T09:15:00Z", "unix": 1741079700}
     assert doc["labels"] == {"env": "prod"}
     assert set(doc["host"]) == {"hostname", "machine_id"} and doc["host"]["hostname"]
+
+
+def test_a_path_that_is_not_utf8_reaches_the_policy_escaped_and_flagged():
+    raw = os.fsdecode(b"/dir\xff/m\xc3.safetensors")  # what the mount gets from the kernel
+    doc = build_input(ME, file=raw, model_dir=os.fsdecode(b"/dir\xff"), labels={}, now=TUESDAY_MORNING)
+    assert doc["file"] == {"path": "/dir\\xff/m\\xc3.safetensors", "name": "m\\xc3.safetensors",
+                           "model_dir": "/dir\\xff", "utf8": False}
+    json.dumps(doc, ensure_ascii=False).encode("utf-8")  # valid UTF-8 throughout
+    policy = 'package model\nallow if input.file.path == "/dir\\\\xff/m\\\\xc3.safetensors"'
+    assert evaluate([("operator", policy)], doc).allowed
+
+
+def test_input_the_engine_cannot_take_is_a_denial_not_a_crash():
+    # A lone surrogate kills the Rego engine's process; it must never reach it.
+    doc = {"file": {"path": os.fsdecode(b"/x\xff")}}
+    decision = evaluate([("operator", "package model\nallow = true")], doc)
+    assert not decision.allowed and "surrogate" in decision.reason
 
 
 def test_build_input_converts_other_zones_to_utc():
