@@ -278,3 +278,16 @@ def parked_thread() -> Iterator[int]:
     finally:
         done.set()
         thread.join()
+
+
+def read_plain(ef, offset: int, size: int) -> bytes:
+    """Plain-file bytes `[offset, offset+size)` of an open EncryptedFile, through the mount's own read path
+    (a fresh chunk cache, no read-ahead)."""
+    from ctfs.daemon.chunk_cache import ChunkCache
+    from ctfs.daemon.served import PlainView
+
+    segments = PlainView(ef, ChunkCache(1 << 26), readahead_chunks=0).read(offset, size)
+    try:
+        return b"".join(segments.views)
+    finally:
+        segments.close()

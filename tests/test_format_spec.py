@@ -20,14 +20,26 @@ from pathlib import Path
 import cryptotensors
 import numpy as np
 import pytest
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-
 from conftest import (
-    KEY_LENGTHS, Keys, b64, canonical_signing_bytes, edit_header, edit_json_field, join_file,
-    load_upstream, make_keys, split_file, write_plain, write_upstream,
+    KEY_LENGTHS,
+    Keys,
+    b64,
+    canonical_signing_bytes,
+    edit_header,
+    edit_json_field,
+    join_file,
+    load_upstream,
+    make_keys,
+    split_file,
+    write_plain,
+    write_upstream,
 )
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 RESERVED = {"__crypto_keys__", "__encryption__", "__policy__", "__signature__"}
 DEFAULT_POLICY = "package model\nallow = true"

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 from conftest import write_plain
 from mounting import ctfs, force_unmount, mounted, requires_fuse
-from test_modelsig import SHARDS, Signed, add_file, change_config, change_index, substitute_shard
+from test_modelsig import (
+    SHARDS,
+    Signed,
+    add_file,
+    change_config,
+    change_index,
+    substitute_shard,
+)
 
 from ctfs.files.modelsig import SIGNATURE_NAME
 

@@ -17,6 +17,7 @@ from conftest import (
     flip_b64,
     flip_file_bit,
     make_keys,
+    read_plain,
     split_file,
     write_plain,
     write_upstream,
@@ -76,7 +77,7 @@ def assert_fails_closed(path: Path, store: KeyStore, error: type[CtfsError], mat
     """Reading, verifying and exporting all raise `error`; no plaintext file is left behind."""
     with pytest.raises(error, match=match):
         with EncryptedFile(path, store) as ef:
-            ef.read(0, ef.view.size)
+            read_plain(ef, 0, ef.view.size)
     with pytest.raises(error, match=match):
         with EncryptedFile(path, store) as ef:
             ef.verify_all()
@@ -121,9 +122,9 @@ def test_a_damaged_chunk_does_not_poison_the_other_chunks(tmp_path, keys):
     with EncryptedFile(path, keys.store) as ef:
         start = len(ef.view.prefix) + ef.header.tensor("weight").start
         with pytest.raises(IntegrityError):
-            ef.read(start + 2 * CHUNK + 10, 1)
-        assert ef.read(start, 2 * CHUNK) == expected[:2 * CHUNK]
-        assert ef.read(start + 3 * CHUNK, 100) == expected[3 * CHUNK:3 * CHUNK + 100]
+            read_plain(ef, start + 2 * CHUNK + 10, 1)
+        assert read_plain(ef, start, 2 * CHUNK) == expected[:2 * CHUNK]
+        assert read_plain(ef, start + 3 * CHUNK, 100) == expected[3 * CHUNK:3 * CHUNK + 100]
 
 
 def victim_with_first_two_chunks_swapped(tmp_path, keys):
@@ -315,7 +316,7 @@ def test_forged_jku_pointing_at_an_attacker_key_file_is_refused(tmp_path, keys):
     # The forgery itself is well formed: whoever trusts the attacker's key gets the altered tensor.
     with EncryptedFile(path, KeyStore([keys.enc], trusted=[mallory.sign])) as ef:
         start = len(ef.view.prefix) + ef.header.tensor("plain").start
-        assert ef.read(start, 1)[0] == victim_tensors()["plain"][0] ^ 0xFF
+        assert read_plain(ef, start, 1)[0] == victim_tensors()["plain"][0] ^ 0xFF
 
 
 # -- any single bit, anywhere ------------------------------------------------------------------------

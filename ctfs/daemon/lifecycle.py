@@ -68,12 +68,14 @@ def build_keys(config: MountConfig) -> KeyChain:
     return chain
 
 
-def build_gate(config: MountConfig) -> PolicyGate:
-    audit = None
+def open_audit_log(config: MountConfig) -> AuditLog | None:
     if config.audit_log == AUDIT_TO_JOURNAL:
-        audit = AuditLog.to_journal()
-    elif config.audit_log:
-        audit = AuditLog.to_file(config.audit_log)
+        return AuditLog.to_journal()
+    return AuditLog.to_file(config.audit_log) if config.audit_log else None
+
+
+def build_gate(config: MountConfig, audit: AuditLog | None) -> PolicyGate:
+    """The policy gate; built again on every reload, with the same audit log (opened once per daemon)."""
     operator_policy = Path(config.policy).read_text("utf-8") if config.policy else None
     return PolicyGate(operator_policy=operator_policy, labels=config.labels,
                       cache_ttl=config.policy_cache_ttl, audit=audit)
@@ -86,11 +88,12 @@ class Daemon:
         self.config = config
         self.mountpoint = os.path.abspath(config.mountpoint)
         self.cache = ChunkCache(config.cache_size)
+        self.audit = open_audit_log(config)
         self.source = ModelSource(
             config.source, build_keys(config), self.cache,
             SourceOptions(allow_plain=config.allow_plain, verify_full=config.verify == "full",
                           hide_denied=config.hide_denied, follow=tuple(config.follow)),
-            build_gate(config),
+            build_gate(config, self.audit),
         )
         self.watchdog = sdnotify.Watchdog(healthy=self._healthy)
         self.ready = threading.Event()
@@ -153,7 +156,7 @@ class Daemon:
         keep serving with the previous ones."""
         sdnotify.reloading()
         try:
-            keys, gate = build_keys(self.config), build_gate(self.config)
+            keys, gate = build_keys(self.config), build_gate(self.config, self.audit)
         except (CtfsError, OSError) as exc:
             log.error("reload failed, keeping the previous keys and policy: %s", exc)
         else:
@@ -204,6 +207,8 @@ class Daemon:
             self.cache.close()
             if self.source.guard is not None:
                 self.source.guard.close()
+            if self.audit is not None:
+                self.audit.close()
         if not self.ready.is_set() and not self.stop_requested.is_set():
             raise CtfsError(f"could not mount {self.mountpoint} (see the messages above)")
         log.info("unmounted %s", self.mountpoint)

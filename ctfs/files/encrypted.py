@@ -23,10 +23,7 @@ from ctfs.format.encryption import (
 from ctfs.format.header import Header, TensorInfo
 from ctfs.format.serialize import signing_bytes
 from ctfs.format.view import (
-    ChunkPiece,
-    HeaderPiece,
     PlainView,
-    StoredPiece,
     chunk_span,
     tensor_chunk_count,
 )
@@ -176,20 +173,6 @@ class EncryptedFile:
         return StreamOpener(self.crypto.enc.alg, dek, cipher.iv, cipher.tags[0], f"{self.label}: tensor {name!r}")
 
     # -- whole-file operations -------------------------------------------------------------------
-    def read(self, offset: int, size: int) -> bytes:
-        """Plain-file bytes `[offset, offset+size)`, without caching: each chunk touched is decrypted."""
-        parts = []
-        for piece in self.view.pieces(offset, size):
-            if isinstance(piece, HeaderPiece):
-                parts.append(self.view.prefix[piece.start:piece.start + piece.length])
-            elif isinstance(piece, StoredPiece):
-                parts.append(self.read_stored(piece.data_offset, piece.length))
-            else:
-                assert isinstance(piece, ChunkPiece)
-                chunk = self.decrypt_chunk(piece.tensor, piece.index)
-                parts.append(chunk[piece.skip:piece.skip + piece.length])
-        return b"".join(parts)
-
     def verify_empty_tensor(self, name: str) -> None:
         """An empty tensor still carries one tag (unless v1 wrote none): check it."""
         cipher = self.crypto.ciphers[name]
