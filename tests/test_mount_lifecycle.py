@@ -4,6 +4,7 @@ lazily, survives a killed daemon, reloads keys, re-reads changed sources, and gu
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -229,3 +230,17 @@ def test_reload_and_sighup_switch_key_sets_for_new_opens(tmp_path):
         wait_for_reload(mount, 2)
         assert mount.path("old.safetensors").read_bytes() == old_plain
         assert open_errno(mount.path("new.safetensors")) == errno.EACCES
+
+
+def test_reloads_keep_one_audit_log_open(tree):
+    root, src, plain, key_file = tree
+    audit = root / "audit.jsonl"
+    with mounted(src, root / "mnt", "--keys", str(key_file), "--audit-log", str(audit)) as mount:
+        for count in (1, 2, 3):
+            assert ctfs("reload", str(mount.mountpoint)).returncode == 0
+            wait_for_reload(mount, count)
+        fds = Path(f"/proc/{mount.pid}/fd")
+        open_on_audit = [fd for fd in fds.iterdir() if os.path.realpath(fd) == str(audit.resolve())]
+        assert len(open_on_audit) == 1
+        assert mount.path(NAME).read_bytes() == plain
+    assert json.loads(audit.read_text().splitlines()[-1])["decision"] == "allow"
