@@ -1,5 +1,4 @@
-"""vLLM's CPU build loads a sharded model through a ctfs mount with output identical to the plain files, and
-a tampered shard fails the load with a message that names the file."""
+"""vLLM's CPU build through a ctfs mount: the plain files' exact output, and a tampered shard reported by name."""
 
 from __future__ import annotations
 
@@ -48,7 +47,6 @@ def install_vllm() -> Path:
     return VLLM_PYTHON
 
 
-
 @dataclass
 class VllmRuns:
     """What one child reported: per run label, its results (or {"error": ...}) and everything it printed."""
@@ -93,8 +91,15 @@ def run_vllm(workdir: Path, runs: list[dict], *, in_process: bool) -> VllmRuns:
     results_file = workdir / "results.json"
     logs = {run["label"]: (workdir / f"{run['label']}.log").read_text(errors="replace")
             for run in runs if (workdir / f"{run['label']}.log").exists()}
-    return VllmRuns(child.returncode, output, json.loads(results_file.read_text()) if results_file.exists() else {},
+    done = VllmRuns(child.returncode, output, json.loads(results_file.read_text()) if results_file.exists() else {},
                     logs)
+    # Failed runs are recorded and the child goes on; anything else that ends it early fails every test here.
+    unfinished = [run["label"] for run in runs if run["label"] not in done.results]
+    if child.returncode != 0 or unfinished:
+        last = unfinished[0] if unfinished else runs[-1]["label"]
+        pytest.fail(f"the vLLM child exited {child.returncode} with runs {unfinished} unfinished:\n"
+                    f"{output[-3000:]}\n{done.detail(last)}")
+    return done
 
 
 def make_model(directory: Path) -> None:
@@ -110,7 +115,8 @@ def make_model(directory: Path) -> None:
 
 
 def flip_a_ciphertext_byte(shard: Path) -> None:
-    """Flip one bit in the middle of the largest tensor's ciphertext, so a chunk's tag no longer matches."""
+    """Flip one bit (so one byte changes) in the middle of the largest tensor's ciphertext: a chunk's tag no
+    longer matches."""
     header, data = split_file(shard)
     start, end = max((e["data_offsets"] for name, e in header.items() if name != "__metadata__"),
                      key=lambda offsets: offsets[1] - offsets[0])
@@ -124,8 +130,8 @@ def run(label: str, model: Path, strategy: str, load_format: str = "auto") -> di
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """vLLM installed; a plain model, its encryption by the ctfs CLI, and a copy with one shard tampered;
-    served by three mounts for the whole module: the good copy with default options, and the tampered
-    copy with `--verify full` and with the default `--verify open`."""
+    served by four mounts for the whole module: the good copy with default options and with `--verify full`,
+    and the tampered copy with `--verify full` and with the default `--verify open`."""
     vllm_python = install_vllm()
     assert vllm_python.exists()
     root = tmp_path_factory.mktemp("vllm")
@@ -143,20 +149,24 @@ def setup(tmp_path_factory):
     assert ctfs("verify", str(tampered), "--keys", str(keys)).returncode != 0
     with ExitStack() as stack:
         good = stack.enter_context(mounted(encrypted, root / "mnt", "--keys", str(keys)))
+        good_full = stack.enter_context(mounted(encrypted, root / "mnt-good-full", "--keys", str(keys),
+                                                "--verify", "full"))
         full = stack.enter_context(mounted(tampered, root / "mnt-full", "--keys", str(keys), "--verify", "full"))
         open_ = stack.enter_context(mounted(tampered, root / "mnt-open", "--keys", str(keys)))
-        yield {"root": root, "plain": plain, "good": good, "full": full, "open": open_}
+        yield {"root": root, "plain": plain, "good": good, "good-full": good_full, "full": full, "open": open_}
 
 
 @pytest.fixture(scope="module")
 def in_process(setup) -> VllmRuns:
     """Every run that can share one process (an LLM() each): each strategy on the plain directory and on the
-    good mount, the random-weights control, and each strategy on the tampered mount with `--verify full`."""
+    good mount, the random-weights control, the good mount as docs/server.md recommends serving it
+    (`--verify full`, prefetch), and each strategy on the tampered mount with `--verify full`."""
     runs = [run("dummy", setup["plain"], "default", load_format="dummy")]
     for strategy in STRATEGIES:
         runs += [run(f"plain-{strategy}", setup["plain"], strategy),
-                 run(f"mount-{strategy}", setup["good"].mountpoint, strategy),
+                 run(f"good-{strategy}", setup["good"].mountpoint, strategy),
                  run(f"full-{strategy}", setup["full"].mountpoint, strategy)]
+    runs.append(run("good-full-prefetch", setup["good-full"].mountpoint, "prefetch"))
     return run_vllm(setup["root"] / "in-process", runs, in_process=True)
 
 
@@ -175,7 +185,7 @@ def max_logprob_difference(a: dict, b: dict) -> float:
         for step_a, step_b in zip(steps_a, steps_b, strict=True):
             if step_a.keys() != step_b.keys():
                 return float("inf")
-            worst = max(worst, *(abs(step_a[t] - step_b[t]) for t in step_a))
+            worst = max([worst, *(abs(step_a[t] - step_b[t]) for t in step_a)])
     return worst
 
 
@@ -197,13 +207,13 @@ def test_random_weights_give_other_tokens_so_the_comparison_can_fail(in_process)
     assert max_logprob_difference(dummy, real) > 0
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_vllm_through_the_mount_gives_the_plain_tokens_and_logprobs(setup, in_process, strategy):
-    label = f"mount-{strategy}"
+@pytest.mark.parametrize("mount, strategy", [*(("good", s) for s in STRATEGIES), ("good-full", "prefetch")])
+def test_vllm_through_the_mount_gives_the_plain_tokens_and_logprobs(setup, in_process, mount, strategy):
+    label = f"{mount}-{strategy}"
     got, want = in_process.results[label], in_process.results[f"plain-{strategy}"]
     assert "error" not in got, in_process.detail(label)
     # vLLM says where it loads from: this run read the mount, not some other copy.
-    assert f"Starting to load model {setup['good'].mountpoint}..." in in_process.log(label)
+    assert f"Starting to load model {setup[mount].mountpoint}..." in in_process.log(label)
     assert got["tokens"] == want["tokens"]
     assert max_logprob_difference(got, want) == 0
     assert got == want  # the same top tokens at every step, with bit-identical logprobs
@@ -211,7 +221,7 @@ def test_vllm_through_the_mount_gives_the_plain_tokens_and_logprobs(setup, in_pr
 
 def test_vllm_sees_the_mount_as_a_fuse_file_system(in_process):
     # Why vLLM never prefetches on its own here: it auto-prefetches only on NFS and Lustre.
-    logs = "".join(in_process.log(f"mount-{strategy}") for strategy in STRATEGIES)
+    logs = "".join(in_process.log(f"good-{strategy}") for strategy in STRATEGIES)
     assert "Filesystem type for checkpoints: FUSE.CTFS" in logs
 
 
