@@ -128,7 +128,7 @@ def run(label: str, model: Path, strategy: str, load_format: str = "auto") -> di
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def mounts(tmp_path_factory):
     """vLLM installed; a plain model, its encryption by the ctfs CLI, and a copy with one shard tampered;
     served by four mounts for the whole module: the good copy with default options and with `--verify full`,
     and the tampered copy with `--verify full` and with the default `--verify open`."""
@@ -146,7 +146,8 @@ def setup(tmp_path_factory):
     shutil.copytree(encrypted, tampered)
     flip_a_ciphertext_byte(tampered / TAMPERED_SHARD)
     assert ctfs("verify", str(encrypted), "--keys", str(keys)).returncode == 0
-    assert ctfs("verify", str(tampered), "--keys", str(keys)).returncode != 0
+    refused = ctfs("verify", str(tampered), "--keys", str(keys))
+    assert refused.returncode != 0 and "authentication tag mismatch" in refused.stderr, refused.stderr
     with ExitStack() as stack:
         good = stack.enter_context(mounted(encrypted, root / "mnt", "--keys", str(keys)))
         good_full = stack.enter_context(mounted(encrypted, root / "mnt-good-full", "--keys", str(keys),
@@ -157,25 +158,25 @@ def setup(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def in_process(setup) -> VllmRuns:
+def in_process(mounts) -> VllmRuns:
     """Every run that can share one process (an LLM() each): each strategy on the plain directory and on the
     good mount, the random-weights control, the good mount as docs/server.md recommends serving it
     (`--verify full`, prefetch), and each strategy on the tampered mount with `--verify full`."""
-    runs = [run("dummy", setup["plain"], "default", load_format="dummy")]
+    runs = [run("dummy", mounts["plain"], "default", load_format="dummy")]
     for strategy in STRATEGIES:
-        runs += [run(f"plain-{strategy}", setup["plain"], strategy),
-                 run(f"good-{strategy}", setup["good"].mountpoint, strategy),
-                 run(f"full-{strategy}", setup["full"].mountpoint, strategy)]
-    runs.append(run("good-full-prefetch", setup["good-full"].mountpoint, "prefetch"))
-    return run_vllm(setup["root"] / "in-process", runs, in_process=True)
+        runs += [run(f"plain-{strategy}", mounts["plain"], strategy),
+                 run(f"good-{strategy}", mounts["good"].mountpoint, strategy),
+                 run(f"full-{strategy}", mounts["full"].mountpoint, strategy)]
+    runs.append(run("good-full-prefetch", mounts["good-full"].mountpoint, "prefetch"))
+    return run_vllm(mounts["root"] / "in-process", runs, in_process=True)
 
 
 @pytest.fixture(scope="module")
-def served(setup) -> VllmRuns:
+def served(mounts) -> VllmRuns:
     """The tampered mount in each verify mode, loaded with vLLM's own process layout (engine core and worker
     processes, as `vllm serve` runs), default strategy: what a user of vLLM sees."""
-    runs = [run("full", setup["full"].mountpoint, "default"), run("open", setup["open"].mountpoint, "default")]
-    return run_vllm(setup["root"] / "served", runs, in_process=False)
+    runs = [run("full", mounts["full"].mountpoint, "default"), run("open", mounts["open"].mountpoint, "default")]
+    return run_vllm(mounts["root"] / "served", runs, in_process=False)
 
 
 def max_logprob_difference(a: dict, b: dict) -> float:
@@ -208,12 +209,12 @@ def test_random_weights_give_other_tokens_so_the_comparison_can_fail(in_process)
 
 
 @pytest.mark.parametrize("mount, strategy", [*(("good", s) for s in STRATEGIES), ("good-full", "prefetch")])
-def test_vllm_through_the_mount_gives_the_plain_tokens_and_logprobs(setup, in_process, mount, strategy):
+def test_vllm_through_the_mount_gives_the_plain_tokens_and_logprobs(mounts, in_process, mount, strategy):
     label = f"{mount}-{strategy}"
     got, want = in_process.results[label], in_process.results[f"plain-{strategy}"]
     assert "error" not in got, in_process.detail(label)
     # vLLM says where it loads from: this run read the mount, not some other copy.
-    assert f"Starting to load model {setup[mount].mountpoint}..." in in_process.log(label)
+    assert f"Starting to load model {mounts[mount].mountpoint}..." in in_process.log(label)
     assert got["tokens"] == want["tokens"]
     assert max_logprob_difference(got, want) == 0
     assert got == want  # the same top tokens at every step, with bit-identical logprobs
@@ -242,33 +243,33 @@ def daemon_lines_about_the_shard(mount) -> list[str]:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_with_verify_full_a_tampered_shard_fails_the_load_naming_the_file(setup, in_process, strategy):
+def test_with_verify_full_a_tampered_shard_fails_the_load_naming_the_file(mounts, in_process, strategy):
     label = f"full-{strategy}"
-    want = VERIFY_FULL_ERRORS[strategy].format(path=setup["full"].path(TAMPERED_SHARD))
+    want = VERIFY_FULL_ERRORS[strategy].format(path=mounts["full"].path(TAMPERED_SHARD))
     assert in_process.results[label] == {"error": want}, in_process.detail(label)
     assert want in in_process.log(label)  # in vLLM's own output, where the user looks
 
 
-def test_with_verify_full_the_daemon_logs_why_it_refused_the_shard(setup, in_process):
+def test_with_verify_full_the_daemon_logs_why_it_refused_the_shard(mounts, in_process):
     assert all("error" in in_process.results[f"full-{strategy}"] for strategy in STRATEGIES)
-    lines = daemon_lines_about_the_shard(setup["full"])
+    lines = daemon_lines_about_the_shard(mounts["full"])
     assert lines and all(f"open /{TAMPERED_SHARD} refused (EIO)" in line and "authentication tag mismatch" in line
                          for line in lines), lines
 
 
-def test_served_with_verify_full_vllm_reports_the_refused_file_as_the_root_cause(setup, served):
+def test_served_with_verify_full_vllm_reports_the_refused_file_as_the_root_cause(mounts, served):
     # vLLM's engine processes: the worker's error is printed with its cause, then the engine's summary.
     log = served.log("full")
     assert served.results["full"]["error"].startswith("RuntimeError: Engine core initialization failed. See root "
                                                       "cause above."), served.detail("full")
-    cause = VERIFY_FULL_ERRORS["default"].format(path=setup["full"].path(TAMPERED_SHARD))
+    cause = VERIFY_FULL_ERRORS["default"].format(path=mounts["full"].path(TAMPERED_SHARD))
     assert cause in log and log.index(cause) < log.rindex("Engine core initialization failed"), served.detail("full")
 
 
-def test_served_with_verify_open_a_tampered_shard_still_fails_the_load_but_only_the_daemon_says_why(setup, served):
+def test_served_with_verify_open_a_tampered_shard_still_fails_the_load_but_only_the_daemon_says_why(mounts, served):
     # The default mode: the open succeeds and the worker's mmap read of the bad chunk gets EIO, which the
     # kernel turns into SIGBUS; vLLM reports only that its engine failed to start.
     assert served.results["open"]["error"].startswith("RuntimeError: Engine core initialization failed"), \
         served.detail("open")
-    lines = daemon_lines_about_the_shard(setup["open"])
+    lines = daemon_lines_about_the_shard(mounts["open"])
     assert lines and all("read of" in line and "authentication tag mismatch" in line for line in lines), lines
