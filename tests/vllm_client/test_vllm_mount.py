@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from conftest import flip_file_bit, split_file
-from ctfs.demo import make_tiny_llama
 from mounting import ctfs, mounted, requires_fuse
+
+from demo.tiny_llama import make_tiny_llama
 
 pytestmark = requires_fuse
 
