@@ -89,18 +89,7 @@ class NullOperations:
         ll.libfuse.fuse_reply_open(req, fi)
 
     def readdir(self, req, ino, size, offset, fi) -> None:
-        buf = ctypes.create_string_buffer(size)
-        used = 0
-        for index, (name, mode) in enumerate([(b".", stat.S_IFDIR), (b"..", stat.S_IFDIR), (self.name, stat.S_IFREG)]):
-            if index < offset:
-                continue
-            st = ll.Stat(st_ino=index + 1, st_mode=mode)
-            need = ll.libfuse.fuse_add_direntry(req, ctypes.byref(buf, used), size - used, name, ctypes.byref(st),
-                                                index + 1)
-            if need > size - used:
-                break
-            used += need
-        ll.libfuse.fuse_reply_buf(req, buf, used)
+        ll.reply_directory(req, [(b".", stat.S_IFDIR), (b"..", stat.S_IFDIR), (self.name, stat.S_IFREG)], size, offset)
 
     def releasedir(self, req, ino, fi) -> None:
         ll.libfuse.fuse_reply_err(req, 0)

@@ -213,19 +213,7 @@ class Operations:
 
     @_replying
     def readdir(self, req: int, ino: int, size: int, offset: int, fi) -> None:
-        listing = self._dirs.get(fi.contents.fh, [])
-        buf = ctypes.create_string_buffer(size)
-        used = 0
-        st = ll.Stat()
-        for index in range(offset, len(listing)):
-            name, mode = listing[index]
-            st.st_ino, st.st_mode = index + 1, mode  # the kernel takes only the type from st_mode here
-            need = ll.libfuse.fuse_add_direntry(req, ctypes.byref(buf, used), size - used, name, ctypes.byref(st),
-                                                index + 1)
-            if need > size - used:
-                break
-            used += need
-        ll.libfuse.fuse_reply_buf(req, buf, used)
+        ll.reply_directory(req, self._dirs.get(fi.contents.fh, []), size, offset)
 
     @_replying
     def releasedir(self, req: int, ino: int, fi) -> None:

@@ -206,6 +206,22 @@ def reply_statfs(req: int, sv: os.statvfs_result) -> int:
     return libfuse.fuse_reply_statfs(req, ctypes.byref(out))
 
 
+def reply_directory(req: int, listing: list[tuple[bytes, int]], size: int, offset: int) -> int:
+    """Reply to a readdir with the entries of `listing` (name, st_mode type bits) from index `offset`, as many
+    as fit in `size` bytes; each entry's offset is the index of the next."""
+    buf = ctypes.create_string_buffer(size)
+    used = 0
+    st = Stat()
+    for index in range(offset, len(listing)):
+        name, mode = listing[index]
+        st.st_ino, st.st_mode = index + 1, mode  # the kernel takes only the type from st_mode here
+        need = libfuse.fuse_add_direntry(req, ctypes.byref(buf, used), size - used, name, ctypes.byref(st), index + 1)
+        if need > size - used:
+            break
+        used += need
+    return libfuse.fuse_reply_buf(req, buf, used)
+
+
 def reply_segments(req: int, segments: list[memoryview]) -> int:
     """Reply to a read with the bytes of `segments`, in order, without joining them: the kernel copies
     straight from each buffer. Every segment must be a writable (exportable) buffer."""
