@@ -14,12 +14,11 @@ from ctfs.errors import IntegrityError
 MiB = 1 << 20
 
 
-def filler(value: int, calls: list[int] | None = None, delay: float = 0.0):
+def filler(value: int, calls: list[int] | None = None):
     """A stand-in for decryption: fills the chunk with `value`, counting calls."""
     def fill(out: memoryview) -> None:
         if calls is not None:
             calls.append(value)
-        time.sleep(delay)
         out[:] = bytes([value]) * len(out)
     return fill
 
@@ -37,14 +36,31 @@ def read(cache: ChunkCache, key, length: int, fill) -> bytes:
         cache.release(chunk, length)
 
 
+def wait_for_waiters(cache: ChunkCache, key, count: int) -> None:
+    """Until `count` readers are blocked on the decryption of `key` (the cache's own bookkeeping)."""
+    deadline = time.monotonic() + 30
+    while cache._in_flight[key].waiters < count:
+        assert time.monotonic() < deadline, "readers never started waiting"
+        time.sleep(0.001)
+
+
 def test_a_chunk_is_decrypted_once_however_many_readers_want_it_at_once():
     cache, calls = ChunkCache(64 * MiB), []
     results: list[bytes] = []
-    threads = [threading.Thread(target=lambda: results.append(read(cache, "k", MiB, filler(7, calls, 0.05))))
-               for _ in range(8)]
+
+    def first_fill(out: memoryview) -> None:
+        wait_for_waiters(cache, "k", 7)  # the seven others are waiting for this very decryption
+        filler(7, calls)(out)
+
+    threads = [threading.Thread(target=lambda: results.append(read(cache, "k", MiB, filler(7, calls))))
+               for _ in range(7)]
+    owner = threading.Thread(target=lambda: results.append(read(cache, "k", MiB, first_fill)))
+    owner.start()
+    while "k" not in cache._in_flight:
+        time.sleep(0.001)
     for t in threads:
         t.start()
-    for t in threads:
+    for t in [owner, *threads]:
         t.join()
     assert calls == [7]
     assert results == [b"\x07" * MiB] * 8
@@ -61,7 +77,7 @@ def _owner_fails_while_a_waiter_waits(cache: ChunkCache, waiter_fill) -> tuple[l
 
     def slow_failure(out: memoryview) -> None:
         assert waiting.wait(5)
-        time.sleep(0.05)  # the waiter is inside acquire(), blocked on this flight
+        wait_for_waiters(cache, "k", 1)  # the waiter is inside acquire(), blocked on this flight
         failing(out)
 
     def waiter() -> None:
