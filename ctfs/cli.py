@@ -200,7 +200,7 @@ def decrypt(src, dst, key_options, force) -> None:
 
 def _apply(src: Path, dst: Path, force: bool, verb: str, operation, finish=None) -> None:
     if src.is_dir():
-        files = [src / rel for rel in walk_files(src) if is_safetensors(rel)]
+        files = [src / rel for rel in walk_files(src) if is_safetensors(src / rel)]
         with progress(safetensors_data_bytes(files), verb) as bar:
             done = transform_tree(src, dst, lambda s, d: operation(s, d, bar.update), finish)
         click.echo(f"{verb}ed {len(done)} safetensors file(s) from {src} into {dst}")

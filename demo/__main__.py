@@ -45,7 +45,7 @@ def write_demo_keys(path: Path) -> tuple[EncryptionKey, SigningKey]:
 def encrypted_tensor_count(directory: Path) -> int:
     count = 0
     for rel in walk_files(directory):
-        if is_safetensors(rel):
+        if is_safetensors(directory / rel):
             path = directory / rel
             fd = os.open(path, os.O_RDONLY)
             try:

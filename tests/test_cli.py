@@ -114,6 +114,24 @@ def test_a_model_directory_round_trips_and_other_files_are_copied_unchanged(tmp_
     assert not list(tmp_path.glob(".*ctfs-tmp*"))
 
 
+def test_encrypting_a_directory_leaves_no_plaintext_weights_in_the_output(tmp_path, model_dir, key_file):
+    """Safetensors content is encrypted whatever its name, and git metadata (whose LFS objects hold the
+    plain weights) is not copied."""
+    shard = model_dir / "model-00001-of-00002.safetensors"
+    (model_dir / "consolidated.weights").write_bytes(shard.read_bytes())
+    lfs_object = model_dir / ".git" / "lfs" / "objects" / "ab" / "cd" / ("ab" * 32)
+    lfs_object.parent.mkdir(parents=True)
+    lfs_object.write_bytes(shard.read_bytes())
+    (model_dir / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    enc = tmp_path / "enc"
+    result = ctfs("encrypt", str(model_dir), str(enc), "--keys", str(key_file))
+    assert result.returncode == 0, result.stderr
+    assert not (enc / ".git").exists()
+    assert split_file(enc / "consolidated.weights")[0]["__metadata__"]["__encryption__"]
+    plain_data = shard.read_bytes()[-64:]
+    assert all(plain_data not in p.read_bytes() for p in enc.rglob("*") if p.is_file())
+
+
 def test_encrypt_options_reach_the_file(tmp_path, model_dir, key_file):
     shard = model_dir / "model-00001-of-00002.safetensors"
     policy = tmp_path / "policy.rego"

@@ -23,7 +23,7 @@ def unopenable_files(source: str, keys: KeySource) -> tuple[dict[str, str], int]
     problems: dict[str, str] = {}
     encrypted = 0
     for rel in walk_files(Path(source)):
-        if not is_safetensors(rel):
+        if not is_safetensors(Path(source, rel)):
             continue
         try:
             problem = _problem(Path(source, rel), keys)

@@ -16,18 +16,27 @@ from ctfs.files.atomic import (
     atomic_output,
     remove_stale_temps,
 )
+from ctfs.format.header import HEADER_PREFIX_SIZE, looks_like_safetensors
 
 SAFETENSORS_SUFFIX = ".safetensors"
+# Version-control metadata is not part of a model: git's LFS objects hold the plain weights themselves.
+VCS_DIRECTORIES = frozenset({".git", ".hg", ".svn"})
 
 
 def is_safetensors(path: Path) -> bool:
-    return path.suffix == SAFETENSORS_SUFFIX
+    """Decided by content, as the mount decides: a safetensors prefix, whatever the name; a `.safetensors`
+    name counts too (such a file must then parse, or the operation on it fails)."""
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return True
+    with open(path, "rb") as f:
+        return looks_like_safetensors(f.read(HEADER_PREFIX_SIZE + 1), os.fstat(f.fileno()).st_size)
 
 
 def walk_files(root: Path) -> Iterator[Path]:
-    """Regular files below `root`, relative to it, in a stable order; temp files and staging directories skipped."""
+    """Regular files below `root`, relative to it, in a stable order; temp files, staging directories and
+    version-control metadata skipped."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.endswith(TEMP_SUFFIX))
+        dirnames[:] = sorted(d for d in dirnames if not d.endswith(TEMP_SUFFIX) and d not in VCS_DIRECTORIES)
         for name in sorted(filenames):
             path = Path(dirpath, name)
             if path.is_file() and not name.endswith(TEMP_SUFFIX):
@@ -36,7 +45,7 @@ def walk_files(root: Path) -> Iterator[Path]:
 
 def safetensors_files(root: Path) -> list[Path]:
     """`root` itself if it is a file, else every safetensors file below it; none found is an error."""
-    files = [root / rel for rel in walk_files(root) if is_safetensors(rel)] if root.is_dir() else [root]
+    files = [root / rel for rel in walk_files(root) if is_safetensors(root / rel)] if root.is_dir() else [root]
     if not files:
         raise CtfsError(f"no {SAFETENSORS_SUFFIX} file under {root}")
     return files
@@ -76,7 +85,7 @@ def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Output], Non
     done = []
     with contextlib.closing(HeldTree(dst, len(files))) as tree:
         for rel in files:
-            if is_safetensors(rel):
+            if is_safetensors(src / rel):
                 transform(src / rel, tree.output(rel))
                 done.append(rel)
             else:

@@ -108,7 +108,7 @@ def rewrap_path(path: str | os.PathLike[str], old_keys: KeySource, new_keys: Key
     for rel in walk_files(root):
         file = root / rel
         real = os.path.realpath(file)
-        if not is_safetensors(rel) or real in seen:  # two links to one blob are rewrapped once
+        if not is_safetensors(root / rel) or real in seen:  # two links to one blob are rewrapped once
             continue
         seen.add(real)
         try:
