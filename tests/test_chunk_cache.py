@@ -94,6 +94,40 @@ def _owner_fails_while_a_waiter_waits(cache: ChunkCache, waiter_fill) -> tuple[l
     return got, errors
 
 
+def workers(cache: ChunkCache) -> int:
+    return cache._prefetcher._max_workers
+
+
+def park_workers(cache: ChunkCache, gate: threading.Event) -> None:
+    """Occupy every read-ahead worker until `gate` is set: jobs queued after this wait in the queue."""
+    for worker in range(workers(cache)):
+        assert cache.prefetch(("blocker", worker), 16, lambda out: gate.wait(), lambda: None)
+
+
+def drain(cache: ChunkCache) -> None:
+    """Until every read-ahead job queued so far has run: one job per worker, each waiting for all the
+    others, holds every worker at once, which no worker can do while still on an earlier job."""
+    drained, together = threading.Semaphore(0), threading.Barrier(workers(cache))
+    for worker in range(workers(cache)):
+        assert cache.prefetch(("last", worker), 16, lambda out: together.wait(30), drained.release)
+    for _ in range(workers(cache)):
+        assert drained.acquire(timeout=30)
+
+
+def test_a_reader_takes_over_a_queued_read_ahead_instead_of_waiting_for_it():
+    cache, calls, done = ChunkCache(64 * MiB), [], []
+    gate = threading.Event()
+    park_workers(cache, gate)
+    try:
+        assert cache.prefetch("k", MiB, filler(1, calls), lambda: done.append("job"))
+        assert read(cache, "k", MiB, filler(2, calls)) == b"\x02" * MiB  # decrypted by the reader, now
+    finally:
+        gate.set()
+    drain(cache)  # the job runs: it finds the chunk taken and leaves it
+    assert calls == [2] and done == ["job"]
+    assert read(cache, "k", MiB, filler(3)) == b"\x02" * MiB  # the reader's decryption is the cached one
+
+
 def test_a_file_closed_under_a_queued_read_ahead_stays_open_until_the_job_ran(tmp_path, keys):
     """The reference a read-ahead job holds keeps its file's descriptor open: the job decrypts from it
     even when the reader closed meanwhile, and the descriptor closes right after."""
@@ -110,8 +144,8 @@ def test_a_file_closed_under_a_queued_read_ahead_stays_open_until_the_job_ran(tm
     entry = source.child(source.root_entry(), "m.safetensors", "/m.safetensors")
     version = source.open("/m.safetensors", entry, None)
     fd = version.encrypted._fd
-    gate, drained = threading.Event(), threading.Event()
-    assert source.cache.prefetch("blocker", 16, lambda out: gate.wait())  # parks the one read-ahead worker
+    gate = threading.Event()
+    park_workers(source.cache, gate)
     try:
         for offset in (0, 8192):  # the second read is sequential: read-ahead jobs queue behind the blocker
             version.read(offset, 8192).close()
@@ -120,11 +154,10 @@ def test_a_file_closed_under_a_queued_read_ahead_stays_open_until_the_job_ran(tm
         os.fstat(fd)  # still open
     finally:
         gate.set()
-    assert source.cache.prefetch("last", 16, lambda out: drained.set())  # the worker runs jobs in order
-    assert drained.wait(30)
+    drain(source.cache)
     source.cache.close()
-    # The queued jobs decrypted whole chunks from the file the reader had closed (besides the two 16-byte jobs).
-    ahead = source.cache.stats()["decrypted_bytes"] - decrypted - 32
+    # The queued jobs decrypted whole chunks from the file the reader had closed (besides the 16-byte jobs).
+    ahead = source.cache.stats()["decrypted_bytes"] - decrypted - 32 * workers(source.cache)
     assert ahead >= 4096 and ahead % 4096 == 0
     with pytest.raises(OSError):
         os.fstat(fd)  # closed once the last job let go
@@ -173,7 +206,7 @@ def test_read_ahead_skips_chunks_already_served_whole_but_a_reader_gets_them_aga
     cache, calls = ChunkCache(256 * MiB), []
     read(cache, ("f", 0), MiB, filler(5, calls))
     read(cache, ("f", 1), MiB, filler(6, calls))  # its buffer may be chunk 0's
-    assert not cache.prefetch(("f", 0), MiB, filler(5, calls))
+    assert not cache.prefetch(("f", 0), MiB, filler(5, calls), lambda: None)
     cache.close()  # waits for read-ahead
     assert calls == [5, 6]
     cache = ChunkCache(256 * MiB)

@@ -198,19 +198,10 @@ class PlainView(OpenVersion):
         for tensor, index in wanted:
             if not self.hold():
                 return
-            queued = self._cache.prefetch(self._key(tensor, index), self.encrypted.chunk_size(tensor, index),
-                                          self._held_filler(tensor, index))
-            if not queued:
+            # The job holds the reference taken above until it is done with the file.
+            if not self._cache.prefetch(self._key(tensor, index), self.encrypted.chunk_size(tensor, index),
+                                        self._filler(tensor, index), self.let_go):
                 self.let_go()
-
-    def _held_filler(self, tensor: str, index: int) -> Callable[[memoryview], None]:
-        """A read-ahead job's decryption, which lets go of the reference taken for it when done."""
-        def fill(out: memoryview) -> None:
-            try:
-                self.encrypted.decrypt_chunk_into(tensor, index, out)
-            finally:
-                self.let_go()
-        return fill
 
     def _close(self) -> None:
         self.encrypted.close()
