@@ -39,7 +39,8 @@ class Segments:
 
 class OpenVersion:
     """A reference-counted open file: its descriptor closes when the last user lets go, never under a read
-    or a read-ahead job (each holds a reference while it runs)."""
+    (the kernel releases a file only once its reads are answered) or a read-ahead job (which holds a
+    reference until it is done)."""
 
     def __init__(self, identity: FileIdentity):
         self.identity = identity
