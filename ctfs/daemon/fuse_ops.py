@@ -19,7 +19,7 @@ from ctfs.daemon import lowlevel as ll
 from ctfs.daemon.mountpoint import PID_XATTR
 from ctfs.daemon.nodes import NodeTable
 from ctfs.daemon.served import OpenVersion
-from ctfs.daemon.source import Entry, Kind, ModelSource
+from ctfs.daemon.source import Entry, Kind, ModelSource, join
 from ctfs.errors import (
     AccessDenied,
     CtfsError,
@@ -113,7 +113,7 @@ class Operations:
     @_replying
     def lookup(self, req: int, parent: int, name: bytes) -> None:
         directory = self.nodes[parent]
-        path = directory.path.rstrip("/") + "/" + os.fsdecode(name)
+        path = join(directory.path, os.fsdecode(name))
         entry = self.source.child(directory.entry, os.fsdecode(name), path)
         if self.source.hidden(path, entry, _reader(req)):
             raise FileNotFoundError(errno.ENOENT, "hidden by policy", path)

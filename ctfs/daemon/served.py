@@ -89,9 +89,7 @@ def verify_and_publish(encrypted: EncryptedFile, publish: Callable[[int, memoryv
     """Authenticate every tag of the file while handing its plain bytes, in order and in whole pages, to
     `publish(offset, bytes)`: --verify full then decrypts each chunk once, for the check and for the reader.
     A chunk's bytes are published only once its tag has verified."""
-    for info in encrypted.header.by_offset:
-        if info.name in encrypted.crypto.ciphers and info.nbytes == 0:
-            encrypted.verify_empty_tensor(info.name)
+    encrypted.verify_empty_tensors()
     pages = _PageStream(publish)
     scratch = memoryview(bytearray())
     for piece in encrypted.view.pieces(0, encrypted.view.size):

@@ -21,8 +21,10 @@ from ctfs.daemon.served import (
     verify_and_publish,
 )
 from ctfs.errors import AccessDenied, FormatError, StaleVersion
+from ctfs.files.atomic import TEMP_SUFFIX
 from ctfs.files.encrypted import EncryptedFile
 from ctfs.files.fileio import FileIdentity, read_header
+from ctfs.files.modeldir import SAFETENSORS_SUFFIX
 from ctfs.format.encryption import parse_crypto_header
 from ctfs.format.header import HEADER_PREFIX_SIZE, looks_like_safetensors
 from ctfs.format.view import PlainView as PlainLayout
@@ -36,9 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_SUFFIX = ".safetensors"
-# Our own writers' temporary files never show in a listing.
-TEMP_SUFFIX = ".ctfs-tmp"
 # Header facts remembered per file version: enough for large model trees, bounded for a long-lived daemon.
 FACTS_CACHE_ENTRIES = 4096
 
@@ -143,9 +142,9 @@ class ModelSource:
         --hide-denied, files the policy refuses to `reader`."""
         found = []
         for name in sorted(os.listdir(directory.real)):
-            if name.endswith(TEMP_SUFFIX):
+            if name.endswith(TEMP_SUFFIX):  # our own writers' temporary files
                 continue
-            child_path = _join(path, name)
+            child_path = join(path, name)
             try:
                 entry = self.child(directory, name, child_path)
             except (OSError, FormatError):
@@ -312,7 +311,8 @@ def _times(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
 
 
-def _join(directory: str, name: str) -> str:
+def join(directory: str, name: str) -> str:
+    """A path inside the mount: `name` in `directory`."""
     return directory.rstrip("/") + "/" + name
 
 

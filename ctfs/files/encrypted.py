@@ -173,6 +173,12 @@ class EncryptedFile:
         return StreamOpener(self.crypto.enc.alg, dek, cipher.iv, cipher.tags[0], f"{self.label}: tensor {name!r}")
 
     # -- whole-file operations -------------------------------------------------------------------
+    def verify_empty_tensors(self) -> None:
+        """The tags of the encrypted tensors that hold no bytes, which no chunk read ever checks."""
+        for info in self.header.by_offset:
+            if info.name in self.crypto.ciphers and info.nbytes == 0:
+                self.verify_empty_tensor(info.name)
+
     def verify_empty_tensor(self, name: str) -> None:
         """An empty tensor still carries one tag (unless v1 wrote none): check it."""
         cipher = self.crypto.ciphers[name]
@@ -194,9 +200,7 @@ class EncryptedFile:
 
     def verify_all(self, on_bytes=None) -> None:
         """Authenticate every tag of the file; `on_bytes(n)` reports progress."""
-        for info in self.header.by_offset:
-            if info.name in self.crypto.ciphers and info.nbytes == 0:
-                self.verify_empty_tensor(info.name)
+        self.verify_empty_tensors()
         scratch = memoryview(bytearray())  # one buffer for every chunk: the plaintext is only checked
         for name, index in self.chunks():
             size = self.chunk_size(name, index)
