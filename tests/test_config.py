@@ -47,6 +47,7 @@ key_command = "vault-jwk --role ctfs"
 allow_jku = ["https://keys.example.com/"]
 insecure_key_perms = true
 cache_size = "1G"
+memory_budget = "16G"
 verify = "full"
 allow_plain = true
 allow_other = true
@@ -70,7 +71,8 @@ model_pubkey = "/etc/ctfs/trust/publisher.pub.pem"
         source="/srv/encrypted/llama", mountpoint="/srv/models/llama",
         keys=["/etc/ctfs/keys/a.jwk", "/etc/ctfs/keys"], trust=["/etc/ctfs/trust/publisher.jwk"],
         key_command="vault-jwk --role ctfs", allow_jku=["https://keys.example.com/"],
-        insecure_key_perms=True, cache_size=2**30, verify="full", allow_plain=True, allow_other=True,
+        insecure_key_perms=True, cache_size=2**30, memory_budget=16 * 2**30, verify="full", allow_plain=True,
+        allow_other=True,
         foreground=True, policy="/etc/ctfs/policy.rego", labels={"env": "prod", "site": "fra1"},
         audit_log="/var/log/ctfs/audit.jsonl", hide_denied=True, policy_cache_ttl=30.0, threads=8,
         log_level="debug", log_file="/var/log/ctfs/llama.log", strict=True,

@@ -47,6 +47,9 @@ class MountConfig:
     insecure_key_perms: bool = False
     # Bytes of decrypted chunks kept in memory, shared by all open files.
     cache_size: int = 256 * MiB
+    # Bytes of whole decrypted files held in sealed memory and read by the kernel itself (FUSE
+    # passthrough, when the kernel grants it); None: half the machine's memory, 0: never.
+    memory_budget: int | None = None
     # "full" checks every tag at first open: mmap readers then never meet a mid-file EIO (SIGBUS).
     verify: str = "open"
     # Plain safetensors in the source are a downgrade, refused unless asked for.
@@ -170,7 +173,7 @@ def _labels(value: object) -> dict[str, str]:
 _CHECKS: dict[str, Callable[[object], object]] = {
     "source": _string, "mountpoint": _string, "keys": _strings, "trust": _strings,
     "key_command": _string, "allow_jku": _strings, "insecure_key_perms": _boolean,
-    "cache_size": _cache_size, "verify": _choice(VERIFY_MODES), "allow_plain": _boolean,
+    "cache_size": _cache_size, "memory_budget": parse_size, "verify": _choice(VERIFY_MODES), "allow_plain": _boolean,
     "allow_other": _boolean, "foreground": _boolean, "policy": _string, "labels": _labels,
     "audit_log": _string, "hide_denied": _boolean, "policy_cache_ttl": _seconds,
     "threads": _threads, "log_level": _choice(LOG_LEVELS), "log_file": _string, "strict": _boolean,

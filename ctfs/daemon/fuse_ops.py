@@ -78,6 +78,14 @@ def _replying(method: Callable) -> Callable:
     return handler
 
 
+@dataclasses.dataclass
+class _NodeIo:
+    """How a node's live opens are served: the kernel wants all of them through its page cache or none."""
+
+    mutex: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    cached_opens: int = 0
+
+
 class Operations:
     """Read-only low-level operations over a ModelSource; `struct` is what libfuse calls."""
 
@@ -86,7 +94,8 @@ class Operations:
         self.nodes = NodeTable(source.root_entry())
         self._on_init = on_init
         self.session: ll.Session | None = None  # set once the session exists: verified pages are stored through it
-        self._files: dict[int, OpenVersion] = {}
+        self._files: dict[int, tuple[OpenVersion, _NodeIo]] = {}
+        self._io: dict[int, _NodeIo] = {}
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
         self._mutex = threading.Lock()
@@ -106,7 +115,7 @@ class Operations:
     def destroy(self, userdata: int) -> None:
         with self._mutex:
             files, self._files = list(self._files.values()), {}
-        for version in files:
+        for version, _ in files:
             version.let_go()
 
     # -- names -------------------------------------------------------------------------------------
@@ -125,13 +134,18 @@ class Operations:
             self.nodes.forget(node.ino, 1)  # the kernel never got it (the request was interrupted)
 
     def forget(self, req: int, ino: int, count: int) -> None:
-        self.nodes.forget(ino, count)
+        self._forget(ino, count)
         ll.libfuse.fuse_reply_none(req)
 
     def forget_multi(self, req: int, count: int, items) -> None:
         for i in range(count):
-            self.nodes.forget(items[i].ino, items[i].nlookup)
+            self._forget(items[i].ino, items[i].nlookup)
         ll.libfuse.fuse_reply_none(req)
+
+    def _forget(self, ino: int, count: int) -> None:
+        if self.nodes.forget(ino, count):
+            with self._mutex:
+                self._io.pop(ino, None)
 
     @_replying
     def getattr(self, req: int, ino: int, fi) -> None:
@@ -159,23 +173,33 @@ class Operations:
         if info.flags & WRITE_FLAGS:
             raise OSError(errno.EROFS, "read-only")
         node = self.nodes[ino]
-        try:
-            version = self.source.open(node.path, node.entry, _reader(req), functools.partial(self._store, ino))
-        except CtfsError as exc:
-            code = errno_of(exc)
-            log.error("open %s refused (%s): %s", path_text(node.path), errno.errorcode.get(code, code), exc)
-            raise OSError(code, str(exc)) from None
-        fh = self._register(self._files, version)
-        info.fh = fh
-        info.keep_cache = 1  # this node is one version: its cached pages stay right for every later open
-        info.direct_io = 0
-        if ll.libfuse.fuse_reply_open(req, fi) != 0:  # interrupted: the kernel will never release it
+        # The kernel fails an open (EIO) whose mode differs from that of the node's other live opens: while
+        # some are served through the page cache, so is this one. One open of a node is decided at a time.
+        io = self._node_io(ino)
+        with io.mutex:
+            try:
+                version = self.source.open(node.path, node.entry, _reader(req), functools.partial(self._store, ino),
+                                           chunks_only=io.cached_opens > 0)
+            except CtfsError as exc:
+                code = errno_of(exc)
+                log.error("open %s refused (%s): %s", path_text(node.path), errno.errorcode.get(code, code), exc)
+                raise OSError(code, str(exc)) from None
+            fh = self._register(self._files, (version, io))
+            if version.backing_id is not None:
+                replied = ll.reply_open_passthrough(req, fh, version.backing_id)
+            else:
+                info.fh = fh
+                info.keep_cache = 1  # this node is one version: its cached pages stay right for every later open
+                info.direct_io = 0
+                replied = ll.libfuse.fuse_reply_open(req, fi)
+                io.cached_opens += replied == 0
+        if replied != 0:  # interrupted: the kernel will never release it
             self._files.pop(fh, None)
             version.let_go()
 
     @_replying
     def read(self, req: int, ino: int, size: int, offset: int, fi) -> None:
-        version = self._files.get(fi.contents.fh)
+        version, _ = self._files.get(fi.contents.fh, (None, None))
         if version is None:
             raise OSError(errno.EBADF, "no such open file")
         try:
@@ -193,8 +217,11 @@ class Operations:
     @_replying
     def release(self, req: int, ino: int, fi) -> None:
         with self._mutex:
-            version = self._files.pop(fi.contents.fh, None)
+            version, io = self._files.pop(fi.contents.fh, (None, None))
         if version is not None:
+            if version.backing_id is None:
+                with io.mutex:
+                    io.cached_opens -= 1
             version.let_go()
         ll.libfuse.fuse_reply_err(req, 0)
 
@@ -248,6 +275,10 @@ class Operations:
     def _store(self, ino: int, offset: int, data: memoryview) -> None:
         if self.session is not None and self.session.store(ino, offset, data) != 0:
             log.debug("the kernel did not take verified pages of node %d at %d", ino, offset)
+
+    def _node_io(self, ino: int) -> _NodeIo:
+        with self._mutex:
+            return self._io.setdefault(ino, _NodeIo())
 
     def _register(self, table: dict, value: object) -> int:
         with self._mutex:

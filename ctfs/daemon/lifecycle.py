@@ -16,6 +16,7 @@ from ctfs.daemon import sdnotify
 from ctfs.daemon.chunk_cache import ChunkCache
 from ctfs.daemon.config import AUDIT_TO_JOURNAL, MountConfig
 from ctfs.daemon.fuse_ops import Operations, mount_options
+from ctfs.daemon.images import Backing, ImageStore
 from ctfs.daemon.integrity import ModelGuard
 from ctfs.daemon.lowlevel import Session
 from ctfs.daemon.mountpoint import (
@@ -186,6 +187,26 @@ class Daemon:
         except CtfsError as exc:
             log.error("%s", exc)
 
+    def _serve_from_memory(self, session: Session) -> None:
+        """Answer the kernel's INIT, asking for FUSE passthrough; once granted, encrypted files are served
+        from memory images the kernel reads itself (docs/performance.md)."""
+        budget = default_memory_budget() if self.config.memory_budget is None else self.config.memory_budget
+        if not budget:
+            return
+        if not session.negotiate_passthrough():
+            log.info("the kernel does not offer FUSE passthrough: every file is served through the chunk cache")
+            return
+        probe = os.memfd_create("ctfs-probe", os.MFD_CLOEXEC)
+        try:
+            session.close_backing(session.open_backing(probe))
+        except OSError as exc:  # registering backing files takes CAP_SYS_ADMIN
+            log.info("no FUSE passthrough (%s): every file is served through the chunk cache", exc.strerror)
+            return
+        finally:
+            os.close(probe)
+        self.source.images = ImageStore(budget, Backing(session.open_backing, session.close_backing))
+        log.info("encrypted files are served from memory images (budget %d MiB)", budget >> 20)
+
     def run(self) -> None:
         """Serve until unmounted or stopped; the caller has blocked RELOAD_SIGNAL and STOP_SIGNALS."""
         threading.Thread(target=self._take_signals, name="ctfs-signals", daemon=True).start()
@@ -199,12 +220,15 @@ class Daemon:
         session = ops.session = Session(ops.struct, mount_options(fsname="ctfs", allow_other=self.config.allow_other))
         try:
             session.mount(self.mountpoint)
+            self._serve_from_memory(session)
             session.serve(max_threads=self.config.threads or default_threads(), clone_fd=False)
         finally:
             sdnotify.stopping()
             self.watchdog.stop()
             session.close()
             self.cache.close()
+            if self.source.images is not None:
+                self.source.images.close()
             if self.source.guard is not None:
                 self.source.guard.close()
             if self.audit is not None:
@@ -212,6 +236,11 @@ class Daemon:
         if not self.ready.is_set() and not self.stop_requested.is_set():
             raise CtfsError(f"could not mount {self.mountpoint} (see the messages above)")
         log.info("unmounted %s", self.mountpoint)
+
+
+def default_memory_budget() -> int:
+    """Half the machine's memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 def default_threads() -> int:

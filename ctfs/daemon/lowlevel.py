@@ -9,8 +9,11 @@ worker threads call in, and each reply (the kernel's copy of the data) runs with
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import os
 import platform
+import struct
 from ctypes import (
     CFUNCTYPE,
     POINTER,
@@ -174,6 +177,9 @@ def _load_libfuse3() -> ctypes.CDLL:
         "fuse_reply_xattr": (c_int, [fuse_req_t, c_size_t]),
         "fuse_add_direntry": (c_size_t, [fuse_req_t, c_void_p, c_size_t, c_char_p, POINTER(Stat), off_t]),
         "fuse_lowlevel_notify_store": (c_int, [c_void_p, fuse_ino_t, off_t, POINTER(BufVec), c_int]),
+        "fuse_session_fd": (c_int, [c_void_p]),
+        "fuse_session_receive_buf": (c_int, [c_void_p, POINTER(Buf)]),
+        "fuse_session_process_buf": (None, [c_void_p, POINTER(Buf)]),
     }
     for name, (restype, argtypes) in signatures.items():
         function = getattr(lib, name)
@@ -182,6 +188,23 @@ def _load_libfuse3() -> ctypes.CDLL:
 
 
 libfuse = _load_libfuse3()
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.free.argtypes, _libc.free.restype = [c_void_p], None
+
+# FUSE passthrough (kernel 6.9+, docs/performance.md): the kernel serves an open file's reads and mmaps
+# straight from a "backing" file the daemon registers. libfuse 3.14 predates it, so ctfs asks for it by
+# amending libfuse's INIT reply. Offsets are those of <linux/fuse.h>: a request starts with a 40-byte
+# fuse_in_header, a reply with a 16-byte fuse_out_header.
+_IN_HEADER, _OUT_HEADER = 40, 16
+_INIT_IN_FLAGS2 = _IN_HEADER + 16
+_INIT_OUT_FLAGS, _INIT_OUT_FLAGS2, _INIT_OUT_STACK_DEPTH = _OUT_HEADER + 12, _OUT_HEADER + 32, _OUT_HEADER + 36
+FUSE_INIT_EXT = 1 << 30  # flags: flags2 is meaningful
+FUSE_PASSTHROUGH_FLAGS2 = 1 << (37 - 32)
+FOPEN_PASSTHROUGH = 1 << 7
+# A backing file may sit on a file system stacked this deep at most, plus one: 1 takes tmpfs (memfd), ext4, xfs.
+PASSTHROUGH_STACK_DEPTH = 1
+FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501  # _IOW(229, 1, struct fuse_backing_map)
+FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, uint32_t)
 
 
 def request_context(req: int) -> RequestContext:
@@ -222,6 +245,12 @@ def reply_directory(req: int, listing: list[tuple[bytes, int]], size: int, offse
     return libfuse.fuse_reply_buf(req, buf, used)
 
 
+def reply_open_passthrough(req: int, fh: int, backing_id: int) -> int:
+    """Reply to an open: the kernel serves this file's reads and mmaps from the registered backing file."""
+    out = struct.pack("=QIi", fh, FOPEN_PASSTHROUGH, backing_id)  # struct fuse_open_out
+    return libfuse.fuse_reply_buf(req, out, len(out))
+
+
 def reply_segments(req: int, segments: list[memoryview]) -> int:
     """Reply to a read with the bytes of `segments`, in order, without joining them: the kernel copies
     straight from each buffer. Every segment must be a writable (exportable) buffer."""
@@ -246,10 +275,72 @@ class Session:
         self._se = libfuse.fuse_session_new(ctypes.byref(self._args), ctypes.byref(ops), ctypes.sizeof(ops), None)
         if not self._se:
             raise CtfsError(f"libfuse refused the mount options {','.join(options)}")
+        self.passthrough = False
 
     def mount(self, mountpoint: str) -> None:
         if libfuse.fuse_session_mount(self._se, os.fsencode(mountpoint)) != 0:
             raise CtfsError(f"could not mount {mountpoint} (see the messages above)")
+
+    def negotiate_passthrough(self) -> bool:
+        """Answer the kernel's INIT ourselves, before the worker threads start, asking for passthrough when
+        the kernel offers it; True when granted. Call after mount() and before serve()."""
+        fd = libfuse.fuse_session_fd(self._se)
+        buf = Buf()
+        if libfuse.fuse_session_receive_buf(self._se, ctypes.byref(buf)) <= 0:
+            return False
+        try:
+            request = ctypes.string_at(buf.mem, buf.size)
+            offered = len(request) >= _INIT_IN_FLAGS2 + 4 and bool(
+                struct.unpack_from("=I", request, _INIT_IN_FLAGS2)[0] & FUSE_PASSTHROUGH_FLAGS2)
+            reply = self._run_captured(fd, buf)
+        finally:
+            _libc.free(buf.mem)
+        granted = False
+        if offered and len(reply) >= _INIT_OUT_STACK_DEPTH + 4 and struct.unpack_from("=i", reply, 4)[0] == 0:
+            flags, = struct.unpack_from("=I", reply, _INIT_OUT_FLAGS)
+            flags2, = struct.unpack_from("=I", reply, _INIT_OUT_FLAGS2)
+            struct.pack_into("=I", reply, _INIT_OUT_FLAGS, flags | FUSE_INIT_EXT)
+            struct.pack_into("=I", reply, _INIT_OUT_FLAGS2, flags2 | FUSE_PASSTHROUGH_FLAGS2)
+            struct.pack_into("=I", reply, _INIT_OUT_STACK_DEPTH, PASSTHROUGH_STACK_DEPTH)
+            granted = True
+        os.write(fd, reply)
+        self.passthrough = granted
+        return granted
+
+    def _run_captured(self, fd: int, buf: Buf) -> bytearray:
+        """Process one request with libfuse, catching the reply it writes instead of sending it."""
+        read_end, write_end = os.pipe()
+        saved = os.dup(fd)
+        try:
+            os.dup2(write_end, fd, inheritable=False)
+            try:
+                libfuse.fuse_session_process_buf(self._se, ctypes.byref(buf))
+            finally:
+                os.dup2(saved, fd, inheritable=False)
+            os.close(write_end)
+            write_end = -1
+            reply = bytearray()
+            while chunk := os.read(read_end, 65536):
+                reply += chunk
+            return reply
+        finally:
+            for end in (read_end, write_end, saved):
+                if end >= 0:
+                    os.close(end)
+
+    def open_backing(self, fd: int) -> int:
+        """Register `fd` as a backing file with the kernel; the id goes into passthrough open replies."""
+        request = bytearray(struct.pack("=iIQ", fd, 0, 0))
+        return fcntl.ioctl(libfuse.fuse_session_fd(self._se), FUSE_DEV_IOC_BACKING_OPEN, request, True)
+
+    def close_backing(self, backing_id: int) -> None:
+        """Forget a backing id; files the kernel opened with it keep their backing file until released."""
+        try:
+            fcntl.ioctl(libfuse.fuse_session_fd(self._se), FUSE_DEV_IOC_BACKING_CLOSE,
+                        bytearray(struct.pack("=I", backing_id)), True)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
 
     def serve(self, *, max_threads: int, clone_fd: bool) -> int:
         """Serve until unmounted or aborted; blocks. Returns libfuse's status (0, or a negative errno)."""

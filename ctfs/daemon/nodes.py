@@ -51,15 +51,18 @@ class NodeTable:
             node.lookups += 1
             return node
 
-    def forget(self, ino: int, count: int) -> None:
+    def forget(self, ino: int, count: int) -> bool:
+        """Count down the kernel's lookups of `ino`; True when that was the last and the node is gone."""
         with self._mutex:
             node = self._nodes.get(ino)
             if node is None or ino == ROOT_INO:
-                return
+                return False
             node.lookups -= count
             if node.lookups <= 0:
                 del self._nodes[ino]
                 del self._by_key[node.key]
+                return True
+            return False
 
     def __len__(self) -> int:
         with self._mutex:

@@ -1,5 +1,5 @@
 """One open version of a served file: the bytes the mount serves for any range of it, decrypted through the
-shared chunk cache (encrypted files) or read as they are (everything else)."""
+shared chunk cache or held whole in a memory image (encrypted files), or read as they are (everything else)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 
 from ctfs.daemon.chunk_cache import Chunk, ChunkCache
+from ctfs.daemon.images import ImageStore, MemoryImage
 from ctfs.files.encrypted import EncryptedFile
 from ctfs.files.fileio import FileIdentity
 from ctfs.format.view import ChunkPiece, HeaderPiece
@@ -41,6 +42,9 @@ class OpenVersion:
     """A reference-counted open file: its descriptor closes when the last user lets go, never under a read
     (the kernel releases a file only once its reads are answered) or a read-ahead job (which holds a
     reference until it is done)."""
+
+    # Set when the kernel serves this open itself from a registered backing file (FUSE passthrough).
+    backing_id: int | None = None
 
     def __init__(self, identity: FileIdentity):
         self.identity = identity
@@ -77,12 +81,33 @@ class PassthroughFile(OpenVersion):
         self._fd = fd
 
     def read(self, offset: int, size: int) -> Segments:
-        buf = bytearray(size)
-        count = os.preadv(self._fd, [buf], offset)
-        return Segments([memoryview(buf)[:count]])
+        return _pread(self._fd, offset, size)
 
     def _close(self) -> None:
         os.close(self._fd)
+
+
+class ImageView(OpenVersion):
+    """An encrypted file served from its memory image. The kernel reads the image itself (passthrough):
+    read() is only the content model's own way to the same bytes."""
+
+    def __init__(self, image: MemoryImage, store: ImageStore):
+        super().__init__(image.identity)
+        self.image = image
+        self.backing_id = image.backing_id
+        self._store = store
+
+    def read(self, offset: int, size: int) -> Segments:
+        return _pread(self.image.fd, offset, size)
+
+    def _close(self) -> None:
+        self._store.release(self.image)
+
+
+def _pread(fd: int, offset: int, size: int) -> Segments:
+    buf = bytearray(size)
+    count = os.preadv(fd, [buf], offset)
+    return Segments([memoryview(buf)[:count]])
 
 
 def verify_and_publish(encrypted: EncryptedFile, publish: Callable[[int, memoryview], object]) -> None:

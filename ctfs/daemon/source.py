@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ctfs.daemon.chunk_cache import ChunkCache
+from ctfs.daemon.images import ImageStore
 from ctfs.daemon.served import (
+    ImageView,
     OpenVersion,
     PassthroughFile,
     PlainView,
@@ -99,6 +101,8 @@ class ModelSource:
         self.cache = cache
         self.options = options or SourceOptions()
         self.gate = gate
+        # Set when the kernel grants FUSE passthrough: encrypted files are then served from memory images.
+        self.images: ImageStore | None = None
         self._allowed_roots = (self.root, *(os.path.realpath(r) for r in self.options.follow))
         self._facts: OrderedDict[tuple[FileIdentity, bool], dict] = OrderedDict()
         self._verified: set[FileIdentity] = set()
@@ -112,6 +116,8 @@ class ModelSource:
         with self._mutex:
             self.keys, self.gate = keys, gate
             self._verified.clear()
+        if self.images is not None:
+            self.images.drop_unused()
 
     # -- names -----------------------------------------------------------------------------------
     def root_entry(self) -> Entry:
@@ -200,11 +206,14 @@ class ModelSource:
 
     # -- open ------------------------------------------------------------------------------------
     def open(self, path: str, entry: Entry, reader: Reader | None,
-             publish: Callable[[int, memoryview], object] | None = None) -> OpenVersion:
+             publish: Callable[[int, memoryview], object] | None = None, *, chunks_only: bool = False) -> OpenVersion:
         """Open the version `entry` names. Every check (header, signer, key, policy, optionally every tag)
-        happens here, because a failure later, inside an mmap, would kill the reader with SIGBUS. With
-        --verify full, `publish(offset, bytes)` receives the plain file as its tags verify (the FUSE layer
-        puts it in the kernel's page cache, so it is not decrypted a second time to be read)."""
+        happens here, because a failure later, inside an mmap, would kill the reader with SIGBUS.
+
+        An encrypted file is served from its memory image when there is an image store, the image fits and
+        not `chunks_only`; building the image checks every tag. Otherwise it is served through the chunk
+        cache, and with --verify full `publish(offset, bytes)` receives the plain file as its tags verify
+        (the FUSE layer puts it in the kernel's page cache, so it is not decrypted a second time)."""
         if entry.kind is Kind.DIRECTORY:
             raise IsADirectoryError(21, "is a directory", path)
         if entry.kind is Kind.UNREADABLE:
@@ -227,19 +236,24 @@ class ModelSource:
             if encrypted.identity != entry.identity:
                 raise StaleVersion(f"{path_text(path)}: changed since it was looked up")
             self._check_signed_bytes(path, encrypted.fileno(), entry.identity)
-            self._admit(path, encrypted, reader, publish)
+            self._admit(path, encrypted, reader)
+            image = None if chunks_only or self.images is None else self.images.acquire(encrypted)
+            if image is None:
+                self._verify_if_asked(encrypted, publish)
         except BaseException:
             encrypted.close()
             raise
-        return PlainView(encrypted, self.cache, self.options.readahead_chunks)
+        if image is None:
+            return PlainView(encrypted, self.cache, self.options.readahead_chunks)
+        encrypted.close()  # the image holds every byte: no data key stays in memory
+        return ImageView(image, self.images)
 
     def _check_signed_bytes(self, path: str, fd: int, identity: FileIdentity) -> None:
         """With a signed model directory, the bytes of this version must be those model.sig records."""
         if self.guard is not None:
             self.guard.check(path, fd, identity)
 
-    def _admit(self, path: str, encrypted: EncryptedFile, reader: Reader | None,
-               publish: Callable[[int, memoryview], object] | None) -> None:
+    def _admit(self, path: str, encrypted: EncryptedFile, reader: Reader | None) -> None:
         if self.gate is not None and reader is not None:
             crypto = encrypted.crypto
             key_ids = [k for k in (crypto.enc.kid, crypto.sign.kid) if k]
@@ -249,6 +263,8 @@ class ModelSource:
         encrypted.unwrap_all()
         if self._first_sight(("format", encrypted.identity)):
             _warn_about_format(path, encrypted)
+
+    def _verify_if_asked(self, encrypted: EncryptedFile, publish: Callable[[int, memoryview], object] | None) -> None:
         if self.options.verify_full:
             with self._mutex:
                 known = encrypted.identity in self._verified
@@ -287,7 +303,8 @@ class ModelSource:
         with counters.mutex:
             mine = {"served_bytes": counters.served_bytes, "read_requests": counters.read_requests,
                     "largest_request": counters.largest_request, "verified_bytes": counters.verified_bytes}
-        return {**mine, **self.cache.stats()}
+        images = self.images.stats() if self.images is not None else {}
+        return {**mine, **self.cache.stats(), **images}
 
 
 def _classify(fd: int, identity: FileIdentity, path: str) -> dict:

@@ -153,7 +153,7 @@ def mounts(tmp_path_factory):
         good_full = stack.enter_context(mounted(encrypted, root / "mnt-good-full", "--keys", str(keys),
                                                 "--verify", "full"))
         full = stack.enter_context(mounted(tampered, root / "mnt-full", "--keys", str(keys), "--verify", "full"))
-        open_ = stack.enter_context(mounted(tampered, root / "mnt-open", "--keys", str(keys)))
+        open_ = stack.enter_context(mounted(tampered, root / "mnt-open", "--keys", str(keys), "--memory-budget", "0"))
         yield {"root": root, "plain": plain, "good": good, "good-full": good_full, "full": full, "open": open_}
 
 
@@ -267,8 +267,9 @@ def test_served_with_verify_full_vllm_reports_the_refused_file_as_the_root_cause
 
 
 def test_served_with_verify_open_a_tampered_shard_still_fails_the_load_but_only_the_daemon_says_why(mounts, served):
-    # The default mode: the open succeeds and the worker's mmap read of the bad chunk gets EIO, which the
-    # kernel turns into SIGBUS; vLLM reports only that its engine failed to start.
+    # Served through the chunk cache with the default verify mode: the open succeeds and the worker's mmap
+    # read of the bad chunk gets EIO, which the kernel turns into SIGBUS; vLLM reports only that its engine
+    # failed to start. (From a memory image, the open fails, as with --verify full.)
     assert served.results["open"]["error"].startswith("RuntimeError: Engine core initialization failed"), \
         served.detail("open")
     lines = daemon_lines_about_the_shard(mounts["open"])

@@ -1,0 +1,140 @@
+"""Memory images: with FUSE passthrough, an encrypted file is decrypted whole at its first open into a sealed
+memory file the kernel reads itself. Reads never reach the daemon, tampering fails the open, a file that does
+not fit the budget is served through the chunk cache, and one node's opens never mix the two."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import mmap
+import os
+import shutil
+
+import pytest
+from conftest import flip_file_bit, make_keys, write_plain
+from mounting import (
+    SERVED_CHUNK_SIZE,
+    call_with_timeout,
+    consume,
+    mounted,
+    requires_fuse,
+    served_tensors,
+    write_key_file,
+)
+
+from ctfs.files.decrypt import decrypt_file
+from ctfs.files.encrypt import EncryptOptions, encrypt_file
+
+pytestmark = requires_fuse
+
+KERNEL_PASSTHROUGH = "encrypted files are served from memory images"
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """Two encrypted files of the same tensors (one with a ciphertext bit flipped) and their plain view."""
+    root = tmp_path_factory.mktemp("memory")
+    keys = make_keys()
+    src = root / "src"
+    src.mkdir()
+    plain = write_plain(root / "plain.safetensors", served_tensors())
+    for name in ("a.safetensors", "b.safetensors", "flipped.safetensors"):
+        encrypt_file(plain, src / name, keys.enc, keys.sign, EncryptOptions("2", SERVED_CHUNK_SIZE))
+    flip_file_bit(src / "flipped.safetensors", (src / "flipped.safetensors").stat().st_size - 1000)
+    decrypt_file(src / "a.safetensors", root / "a.plain", keys.store)
+    return {"src": src, "keys": write_key_file(root / "keys.jwk", keys), "plain": (root / "a.plain").read_bytes()}
+
+
+def stats(mount) -> dict:
+    return json.loads(os.getxattr(mount.mountpoint, "user.ctfs.stats"))
+
+
+def read_all(path) -> bytes:
+    return call_with_timeout(path.read_bytes)
+
+
+def require_passthrough(mount) -> None:
+    """These tests are about the kernel's passthrough; say so loudly where the kernel has none."""
+    if KERNEL_PASSTHROUGH not in mount.log():
+        pytest.fail(f"the daemon did not get FUSE passthrough (kernel {os.uname().release}):\n{mount.log()}")
+
+
+def test_reads_and_mmaps_are_served_by_the_kernel_from_the_image(tree, tmp_path):
+    with mounted(tree["src"], tmp_path / "mnt", "--keys", str(tree["keys"])) as mount:
+        require_passthrough(mount)
+        path = mount.path("a.safetensors")
+        assert read_all(path) == tree["plain"]
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+            assert hashlib.sha256(mapped).digest() == hashlib.sha256(tree["plain"]).digest()
+        direct = consume("o_direct", path)
+        assert direct.result["sha256"] == hashlib.sha256(tree["plain"]).hexdigest(), direct.stderr
+        counters = stats(mount)
+    assert counters["read_requests"] == 0  # not one read reached the daemon
+    assert counters["images_built"] == 1  # three opens, one decryption
+    assert counters["image_decrypted_bytes"] == sum(t.nbytes for t in served_tensors().values())
+    assert counters["decrypted_bytes"] == 0
+
+
+def test_a_tampered_file_fails_at_open_not_in_a_readers_mmap(tree, tmp_path):
+    with mounted(tree["src"], tmp_path / "mnt", "--keys", str(tree["keys"])) as mount:
+        require_passthrough(mount)
+        with pytest.raises(OSError) as refused:
+            call_with_timeout(lambda: open(mount.path("flipped.safetensors"), "rb"))
+        assert refused.value.errno == errno.EIO
+        assert read_all(mount.path("a.safetensors")) == tree["plain"]  # the daemon serves on
+        assert "flipped.safetensors" in mount.log() and "tag" in mount.log()
+        assert stats(mount)["images"] == 1
+
+
+def test_a_file_larger_than_the_budget_is_served_through_the_chunk_cache(tree, tmp_path):
+    budget = str(len(tree["plain"]) - 1)
+    with mounted(tree["src"], tmp_path / "mnt", "--keys", str(tree["keys"]), "--memory-budget", budget) as mount:
+        require_passthrough(mount)
+        assert read_all(mount.path("a.safetensors")) == tree["plain"]
+        counters = stats(mount)
+    assert counters["images"] == 0 and counters["read_requests"] > 0
+    assert counters["decrypted_bytes"] >= sum(t.nbytes for t in served_tensors().values())
+
+
+def test_an_unused_image_makes_room_and_one_nodes_opens_never_mix_modes(tree, tmp_path):
+    """Room for one image: b is served through the cache while a's image is in use; an open of b while that
+    cached open lives stays cached (the kernel would fail a passthrough open beside it), and once b has no
+    open left, its next open drops a's unused image for b's own."""
+    budget = str(len(tree["plain"]) + 4096)
+    with mounted(tree["src"], tmp_path / "mnt", "--keys", str(tree["keys"]), "--memory-budget", budget) as mount:
+        require_passthrough(mount)
+        with open(mount.path("a.safetensors"), "rb") as a:
+            with open(mount.path("b.safetensors"), "rb") as b:
+                assert stats(mount)["images"] == 1
+        # a is closed now, b's cached open too: hold a new cached open of b, then open b again beside it
+        with open(mount.path("a.safetensors"), "rb") as a, open(mount.path("b.safetensors"), "rb") as b:
+            a.close()
+            with open(mount.path("b.safetensors"), "rb") as b2:
+                assert call_with_timeout(b2.read) == tree["plain"]
+            assert call_with_timeout(b.read) == tree["plain"]
+            assert stats(mount)["images_built"] == 1
+        assert read_all(mount.path("b.safetensors")) == tree["plain"]
+        counters = stats(mount)
+    assert counters["images_built"] == 2 and counters["images"] == 1
+
+
+def test_a_replaced_file_gets_a_new_image_while_the_old_reader_keeps_its_bytes(tree, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tree["src"], src)
+    with mounted(src, tmp_path / "mnt", "--keys", str(tree["keys"])) as mount:
+        require_passthrough(mount)
+        with open(mount.path("a.safetensors"), "rb") as old:
+            os.replace(src / "flipped.safetensors", src / "a.safetensors")
+            with pytest.raises(OSError) as refused:
+                call_with_timeout(lambda: open(mount.path("a.safetensors"), "rb"))
+            assert refused.value.errno == errno.EIO
+            assert call_with_timeout(old.read) == tree["plain"]
+
+
+def test_memory_budget_zero_serves_through_the_chunk_cache(tree, tmp_path):
+    with mounted(tree["src"], tmp_path / "mnt", "--keys", str(tree["keys"]), "--memory-budget", "0") as mount:
+        assert read_all(mount.path("a.safetensors")) == tree["plain"]
+        counters = stats(mount)
+    assert KERNEL_PASSTHROUGH not in mount.log()
+    assert "images" not in counters and counters["read_requests"] > 0
