@@ -71,6 +71,11 @@ VLLM_LOAD_MAX = 1.5          # vLLM "Loading weights", cold mount <= 1.5x plaint
 RSS_ALLOWANCE = 150 * 10**6  # daemon peak RSS <= cache size + 150 MB
 
 VLLM_STRATEGIES = ("default", "prefetch")
+# The mount's two ways of serving an encrypted file: memory images read by the kernel (the default, where
+# the kernel grants FUSE passthrough) and the chunk cache. Targets apply to the default; the chunk cache's
+# figures print beside them.
+CHUNKS = ("--memory-budget", "0")
+MODES = {"ctfs": (), "chunks": CHUNKS}
 VLLM_WEIGHTS_LINE = re.compile(r"Loading weights took ([0-9.]+) seconds")
 # Child processes read models offline and quietly; nothing is ever downloaded.
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -502,11 +507,11 @@ class Bench:
 
     def cold_reads(self) -> None:
         """ctfs against the disk null daemon, alternating which goes first."""
-        log("cold 1 MiB reads: ctfs and the disk null daemon, interleaved")
+        log("cold 1 MiB reads: ctfs (memory images, chunk cache) and the disk null daemon, interleaved")
         for i in range(self.args.repeat):
-            for who in (("ctfs", "null") if i % 2 == 0 else ("null", "ctfs")):
-                if who == "ctfs":
-                    with self.mounts.ctfs(self.data["enc_dir"], self.mnt) as report:
+            for who in (("ctfs", "null", "chunks") if i % 2 == 0 else ("chunks", "null", "ctfs")):
+                if who != "null":
+                    with self.mounts.ctfs(self.data["enc_dir"], self.mnt, *MODES[who]) as report:
                         drop_caches()
                         rate, cpu = read_rate_and_cpu(self.mnt / self.plain.name, report.pid)
                 else:
@@ -518,10 +523,13 @@ class Bench:
             self.runs["aes_cpu"].append(aes_seconds_per_gib())
 
     def warm_reads(self) -> None:
-        log("warm re-reads: ctfs, the null daemon, the plaintext file, interleaved")
-        with self.mounts.ctfs(self.data["enc_dir"], self.mnt), self.mounts.null(self.nmnt, [self.plain], "--disk"):
-            files = {"ctfs_warm": self.mnt / self.plain.name, "null_warm": self.nmnt / self.plain.name,
-                     "plain_warm": self.plain}
+        log("warm re-reads: ctfs (memory images, chunk cache), the null daemon, the plaintext file, interleaved")
+        chunks_mnt = self.work / "mnt-chunks"
+        with self.mounts.ctfs(self.data["enc_dir"], self.mnt), \
+                self.mounts.ctfs(self.data["enc_dir"], chunks_mnt, *CHUNKS), \
+                self.mounts.null(self.nmnt, [self.plain], "--disk"):
+            files = {"ctfs_warm": self.mnt / self.plain.name, "chunks_warm": chunks_mnt / self.plain.name,
+                     "null_warm": self.nmnt / self.plain.name, "plain_warm": self.plain}
             for path in files.values():
                 read_sequential(path)
             for _ in range(max(self.args.repeat, 3)):
@@ -529,12 +537,14 @@ class Bench:
                     self.runs[name].append(rate_of(lambda p=path: read_sequential(p)))
 
     def model_loads(self) -> None:
-        log("transformers load + forward: plaintext, cold mount, with --verify full, with --model-pubkey, interleaved")
+        log("transformers load + forward: plaintext, cold mount (memory images; chunk cache without and with "
+            "--verify full), with --model-pubkey, interleaved")
         plain_weights = sum(p.stat().st_size for p in self.data["model_plain"].glob("*.safetensors"))
         for _ in range(self.args.repeat):
             warmup = self.data["model_tiny"]
             self.runs["plain_model"].append(load_model_seconds(self.data["model_plain"], warmup))
-            for name, extra in (("ctfs_model", ()), ("full_model", ("--verify", "full")),
+            for name, extra in (("ctfs_model", ()), ("chunks_model", CHUNKS),
+                                ("full_model", (*CHUNKS, "--verify", "full")),
                                 ("signed_model", ("--model-pubkey", str(self.data["model_pubkey"])))):
                 with self.mounts.ctfs(self.data["model_enc"], self.mnt, *extra) as report:
                     self.runs[name].append(load_model_seconds(self.mnt, warmup))
@@ -542,7 +552,7 @@ class Bench:
                 if stats.get("served_bytes"):
                     self.runs[f"{name}_decrypted_per_served"].append(stats["decrypted_bytes"] / stats["served_bytes"])
                 # What a load decrypted in all, the --verify full check included, per byte of the shards.
-                work_done = stats.get("decrypted_bytes", 0) + stats.get("verified_bytes", 0)
+                work_done = sum(stats.get(k, 0) for k in ("decrypted_bytes", "verified_bytes", "image_decrypted_bytes"))
                 self.runs[f"{name}_decrypted_per_shard_byte"].append(work_done / plain_weights)
 
     def vllm_loads(self) -> None:
@@ -556,9 +566,11 @@ class Bench:
                 forget_pages(self.data["model_plain"])
                 self.runs[f"vllm_plain_{strategy}"].append(
                     vllm_weights_seconds(python, self.data["model_plain"], strategy, logs))
-                with self.mounts.ctfs(self.data["model_enc"], self.mnt):  # a fresh mount: its page cache is empty
-                    forget_pages(self.data["model_enc"])
-                    self.runs[f"vllm_ctfs_{strategy}"].append(vllm_weights_seconds(python, self.mnt, strategy, logs))
+                for who in MODES:
+                    with self.mounts.ctfs(self.data["model_enc"], self.mnt, *MODES[who]):  # a fresh mount
+                        forget_pages(self.data["model_enc"])
+                        self.runs[f"vllm_{who}_{strategy}"].append(
+                            vllm_weights_seconds(python, self.mnt, strategy, logs))
 
     def reader_counts(self) -> list[int]:
         counts, n = [], 1
@@ -642,26 +654,34 @@ def table(bench: Bench, args: argparse.Namespace, vllm_missing: str) -> list[Row
         rows.append(Row(f"{name}, {unit}", spread(runs[a]), spread(runs[b]), spread(ratios) + "x",
                         f"{'>=' if higher_is_better else '<='} {target}x", ok))
 
+    def context_row(name: str, a: str, b: str, unit: str) -> None:
+        rows.append(Row(f"{name}, {unit}", spread(runs[a]), spread(runs[b]), spread(paired(runs, a, b)) + "x"))
+
     ratio_row("cold 1 MiB reads, 1 GiB-class file: ctfs vs disk null daemon", "ctfs_cold", "null_cold",
               COLD_READ_MIN, True, "GB/s")
+    context_row("same, chunk cache", "chunks_cold", "null_cold", "GB/s")
     allowance = [CPU_FACTOR * n + CPU_AES * a for n, a in zip(runs["null_cold_cpu"], runs["aes_cpu"])]
     cpu_ratios = [c / a for c, a in zip(runs["ctfs_cold_cpu"], allowance)]
     rows.append(Row("cold CPU s/GiB (daemon + reader): ctfs vs 1.15x disk null + 2x AES-GCM",
                     spread(runs["ctfs_cold_cpu"]), spread(allowance), spread(cpu_ratios) + "x", "<= 1.0x",
                     statistics.median(cpu_ratios) <= 1.0))
     ratio_row("warm re-read: ctfs vs null daemon", "ctfs_warm", "null_warm", WARM_READ_MIN, True, "GB/s")
+    context_row("same, chunk cache", "chunks_warm", "null_warm", "GB/s")
     ratio_row("transformers load + forward, cold: ctfs vs plaintext dir", "ctfs_model", "plain_model",
               MODEL_LOAD_MAX, False, "s")
-    ratio_row("same with --verify full vs without", "full_model", "ctfs_model", VERIFY_FULL_MAX, False, "s")
-    worst = max(runs["ctfs_model_decrypted_per_served"], default=float("nan"))
-    rows.append(Row("decrypted / served bytes, that load (worst run)", f"{worst:.3f}", "", "", "<= 1.05",
-                    worst <= DECRYPTED_PER_SERVED_MAX))
+    context_row("same, chunk cache", "chunks_model", "plain_model", "s")
+    ratio_row("chunk cache: that load with --verify full vs without", "full_model", "chunks_model", VERIFY_FULL_MAX,
+              False, "s")
+    worst = max(runs["chunks_model_decrypted_per_served"], default=float("nan"))
+    rows.append(Row("chunk cache: decrypted / served bytes, that load (worst run)", f"{worst:.3f}", "", "",
+                    "<= 1.05", worst <= DECRYPTED_PER_SERVED_MAX))
     for strategy in VLLM_STRATEGIES:
         name = f"vLLM 'Loading weights', cold, strategy {strategy}: ctfs vs plaintext dir"
         if vllm_missing:
             rows.append(Row(f"{name}, s", f"not measured ({vllm_missing})", "", "", f"<= {VLLM_LOAD_MAX}x"))
         else:
             ratio_row(name, f"vllm_ctfs_{strategy}", f"vllm_plain_{strategy}", VLLM_LOAD_MAX, False, "s")
+            context_row("same, chunk cache", f"vllm_chunks_{strategy}", f"vllm_plain_{strategy}", "s")
     limit = args.cache_size + RSS_ALLOWANCE
     rows.append(Row(f"daemon peak RSS, all mounts (cache {human(args.cache_size)})", human(bench.mounts.peak_rss),
                     human(limit), "", "<= cache + 150 MB", bench.mounts.peak_rss <= limit))
@@ -673,9 +693,9 @@ def table(bench: Bench, args: argparse.Namespace, vllm_missing: str) -> list[Row
                         spread(paired(runs, f"readers_ctfs_{n}", f"readers_null_disk_{n}")) + "x disk"))
     context = [
         ("context: AES-256-GCM CPU s/GiB, one core (2 MiB chunks)", spread(runs["aes_cpu"], "{:.3f}")),
-        ("context: bytes decrypted (check included) per shard byte, load without | with --verify full",
-         f"{spread(runs['ctfs_model_decrypted_per_shard_byte'], '{:.3f}')} | "
-         f"{spread(runs['full_model_decrypted_per_shard_byte'], '{:.3f}')}"),
+        ("context: bytes decrypted (checks included) per shard byte, memory images | chunk cache without | with "
+         "--verify full", " | ".join(spread(runs[f"{k}_model_decrypted_per_shard_byte"], "{:.3f}")
+                                     for k in ("ctfs", "chunks", "full"))),
         ("context: --model-pubkey (signed directory enforced) vs without, transformers load + forward",
          spread(paired(runs, "signed_model", "ctfs_model")) + "x"),
         ("context: warm re-read, plaintext file from page cache, GB/s", spread(runs["plain_warm"])),
