@@ -10,16 +10,20 @@ import json
 import mmap
 import os
 import shutil
+import threading
 
 import pytest
 from conftest import flip_file_bit, make_keys, write_plain
 from mounting import (
+    CHILD_TIMEOUT,
     SERVED_CHUNK_SIZE,
     call_with_timeout,
     consume,
+    ctfs,
     mounted,
     requires_fuse,
     served_tensors,
+    wait_until,
     write_key_file,
 )
 
@@ -138,3 +142,40 @@ def test_memory_budget_zero_serves_through_the_chunk_cache(tree, tmp_path):
         counters = stats(mount)
     assert KERNEL_PASSTHROUGH not in mount.log()
     assert "images" not in counters and counters["read_requests"] > 0
+
+
+def test_an_open_that_waits_leaves_the_daemon_answering_everything_else(tree, tmp_path):
+    """An encrypted file's open may take long (a whole-file decryption, a key service): it is answered from
+    its own thread, so even a daemon with one FUSE worker keeps answering, its health check included."""
+    keys = make_keys()
+    gate, fifo = tmp_path / "gate", tmp_path / "fifo"
+    os.mkfifo(fifo)
+    master = tmp_path / "master.jwk"
+    master.write_text(json.dumps(keys.enc_jwk))
+    command = tmp_path / "key-command"
+    started = tmp_path / "started"
+    # Prints the master key; while `gate` exists, only once a line arrives on `fifo`.
+    command.write_text(f"#!/bin/sh\nif [ -e {gate} ]; then touch {started}; read line < {fifo}; fi\ncat {master}\n")
+    command.chmod(0o700)
+    trust = write_key_file(tmp_path / "trust.jwk", keys, private=False)
+    config = tmp_path / "one-worker.toml"
+    config.write_text("threads = 1\n")
+    with mounted(tree["src"], tmp_path / "mnt", "--key-command", str(command), "--trust", str(trust),
+                 "--config", str(config)) as mount:
+        gate.touch()
+        reload = ctfs("reload", str(mount.mountpoint))  # a new key chain: the next open runs the command again
+        assert reload.returncode == 0, reload.stderr
+        assert wait_until(lambda: "keys and policy reloaded" in mount.log()), mount.log()
+        outcome = {}
+        opening = threading.Thread(target=lambda: outcome.update(data=mount.path("a.safetensors").read_bytes()),
+                                   daemon=True)
+        opening.start()
+        assert wait_until(started.exists), mount.log()  # the open waits in the key command now
+        assert call_with_timeout(lambda: os.getxattr(mount.mountpoint, "user.ctfs.pid"), timeout=30)
+        assert sorted(call_with_timeout(lambda: os.listdir(mount.mountpoint), timeout=30)) == sorted(
+            os.listdir(tree["src"]))
+        assert opening.is_alive() and not outcome
+        with open(fifo, "w") as release:
+            release.write("go\n")
+        opening.join(CHILD_TIMEOUT)
+        assert outcome.get("data") == tree["plain"]

@@ -126,6 +126,7 @@ def test_hardening_for_a_root_mount():
     assert values(CTFS_UNIT, "LockPersonality") == ["yes"]
     assert values(CTFS_UNIT, "UMask") == ["0077"]
     assert values(CTFS_UNIT, "LimitCORE") == ["0"]
+    assert values(CTFS_UNIT, "MemorySwapMax") == ["0"]  # plaintext memory images never reach swap
 
 
 def test_vllm_is_bound_to_the_mount_and_prefetches():

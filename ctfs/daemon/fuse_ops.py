@@ -14,10 +14,11 @@ import os
 import stat
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from ctfs.daemon import lowlevel as ll
 from ctfs.daemon.mountpoint import PID_XATTR
-from ctfs.daemon.nodes import NodeTable
+from ctfs.daemon.nodes import Node, NodeTable
 from ctfs.daemon.served import OpenVersion
 from ctfs.daemon.source import Entry, Kind, ModelSource, join
 from ctfs.errors import (
@@ -38,6 +39,8 @@ MAX_READAHEAD = 16 * 1024 * 1024
 MAX_BACKGROUND = 64
 # JSON work counters of the daemon (bytes served and decrypted, requests), read on the mount's root.
 STATS_XATTR = "user.ctfs.stats"
+# Opens of encrypted files decided at once; each memory image is decrypted by several threads of its own.
+OPENER_THREADS = max(2, os.cpu_count() or 1)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 FILE_MODE = stat.S_IFREG | 0o444
 DIR_MODE = stat.S_IFDIR | 0o555
@@ -96,6 +99,7 @@ class Operations:
         self.session: ll.Session | None = None  # set once the session exists: verified pages are stored through it
         self._files: dict[int, tuple[OpenVersion, _NodeIo]] = {}
         self._io: dict[int, _NodeIo] = {}
+        self._openers = ThreadPoolExecutor(OPENER_THREADS, thread_name_prefix="ctfs-open")
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = 1
         self._mutex = threading.Lock()
@@ -113,6 +117,7 @@ class Operations:
         self._on_init()
 
     def destroy(self, userdata: int) -> None:
+        self._openers.shutdown(wait=True, cancel_futures=True)
         with self._mutex:
             files, self._files = list(self._files.values()), {}
         for version, _ in files:
@@ -169,16 +174,25 @@ class Operations:
     # -- files -------------------------------------------------------------------------------------
     @_replying
     def open(self, req: int, ino: int, fi) -> None:
-        info = fi.contents
-        if info.flags & WRITE_FLAGS:
+        if fi.contents.flags & WRITE_FLAGS:
             raise OSError(errno.EROFS, "read-only")
         node = self.nodes[ino]
+        reader = _reader(req)
+        if node.entry.kind is Kind.ENCRYPTED:
+            # Its open may decrypt the whole file (a memory image, --verify full): answered from another
+            # thread, so that libfuse's workers stay free for every other request (the watchdog's among them).
+            self._openers.submit(self._open, req, ino, node, reader)
+        else:
+            self._open(req, ino, node, reader)
+
+    @_replying
+    def _open(self, req: int, ino: int, node: Node, reader: Reader) -> None:
         # The kernel fails an open (EIO) whose mode differs from that of the node's other live opens: while
         # some are served through the page cache, so is this one. One open of a node is decided at a time.
         io = self._node_io(ino)
         with io.mutex:
             try:
-                version = self.source.open(node.path, node.entry, _reader(req), functools.partial(self._store, ino),
+                version = self.source.open(node.path, node.entry, reader, functools.partial(self._store, ino),
                                            chunks_only=io.cached_opens > 0)
             except CtfsError as exc:
                 code = errno_of(exc)
@@ -188,10 +202,9 @@ class Operations:
             if version.backing_id is not None:
                 replied = ll.reply_open_passthrough(req, fh, version.backing_id)
             else:
-                info.fh = fh
-                info.keep_cache = 1  # this node is one version: its cached pages stay right for every later open
-                info.direct_io = 0
-                replied = ll.libfuse.fuse_reply_open(req, fi)
+                # keep_cache: this node is one version, so its cached pages stay right for every later open.
+                info = ll.FileInfo(fh=fh, keep_cache=1)
+                replied = ll.libfuse.fuse_reply_open(req, ctypes.byref(info))
                 io.cached_opens += replied == 0
         if replied != 0:  # interrupted: the kernel will never release it
             self._files.pop(fh, None)

@@ -1,5 +1,9 @@
-"""Whole decrypted files in sealed memory files: the kernel serves their reads and mmaps itself (FUSE
-passthrough), so no read of such a file ever reaches the daemon.
+"""Whole decrypted files in memory: the kernel serves their reads and mmaps itself (FUSE passthrough), so no
+read of such a file ever reaches the daemon.
+
+Images are unnamed files on a tmpfs of the daemon's own that is mounted nowhere (fsopen/fsmount: no path
+reaches it) and uses huge pages: a 4 KiB-page memfd took three times as long to fill, and twice as long to
+read. Once written, an image is reopened read-only and its writable descriptor closed.
 
 An image is built at the first open of a file version: every chunk decrypted and its tag checked, so a
 tampered file fails at open, never in the middle of a reader's mmap. It lives while opens use it and then,
@@ -9,7 +13,7 @@ is served through the chunk cache instead.
 
 from __future__ import annotations
 
-import fcntl
+import ctypes
 import logging
 import os
 import threading
@@ -26,7 +30,36 @@ log = logging.getLogger(__name__)
 
 # Decryption threads per image: the ciphertext reads (which release the GIL) overlap the decryption.
 BUILD_THREADS = 4
-SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+# <linux/mount.h>; the new mount API's syscall numbers are the same on every architecture.
+_SYS_FSOPEN, _SYS_FSCONFIG, _SYS_FSMOUNT = 430, 431, 432
+FSOPEN_CLOEXEC = FSMOUNT_CLOEXEC = 1
+FSCONFIG_SET_STRING, FSCONFIG_CMD_CREATE = 1, 6
+MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 0x2, 0x4, 0x8
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _syscall(number: int, *args: object) -> int:
+    result = _libc.syscall(ctypes.c_long(number), *args)
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
+
+
+def private_tmpfs() -> int:
+    """The root directory of a new tmpfs with huge pages, mounted nowhere; it lives while the descriptor
+    returned (and any file opened on it) does. Needs CAP_SYS_ADMIN. Its size is not bounded here: the
+    image store's budget bounds it."""
+    config = _syscall(_SYS_FSOPEN, b"tmpfs", FSOPEN_CLOEXEC)
+    try:
+        for key, value in ((b"huge", b"always"), (b"size", b"0"), (b"nr_inodes", b"0"), (b"mode", b"0700")):
+            _syscall(_SYS_FSCONFIG, config, FSCONFIG_SET_STRING, key, value, 0)
+        _syscall(_SYS_FSCONFIG, config, FSCONFIG_CMD_CREATE, None, None, 0)
+        return _syscall(_SYS_FSMOUNT, config, FSMOUNT_CLOEXEC,
+                        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC)
+    finally:
+        os.close(config)
 
 
 @dataclass
@@ -39,7 +72,7 @@ class Backing:
 
 
 class MemoryImage:
-    """The plain view of one file version in a sealed memory file, registered with the kernel."""
+    """The plain view of one file version in a read-only in-memory file, registered with the kernel."""
 
     __slots__ = ("identity", "fd", "size", "backing_id", "users")
 
@@ -54,9 +87,10 @@ class MemoryImage:
 class ImageStore:
     """Images of file versions, bounded by `budget` bytes; images in use are never dropped."""
 
-    def __init__(self, budget: int, backing: Backing):
+    def __init__(self, budget: int, backing: Backing, directory: int):
         self.budget = budget
         self._backing = backing
+        self._directory = directory  # where images are made: private_tmpfs()
         self._images: OrderedDict[FileIdentity, MemoryImage] = OrderedDict()
         self._building: dict[FileIdentity, threading.Event] = {}
         self._reserved = 0  # bytes of images being built
@@ -114,6 +148,7 @@ class ImageStore:
                 os.close(image.fd)
             self._images.clear()
             self._used = 0
+        os.close(self._directory)
 
     def stats(self) -> dict[str, int]:
         with self._mutex:
@@ -134,23 +169,30 @@ class ImageStore:
         os.close(image.fd)
 
     def _build(self, encrypted: EncryptedFile) -> MemoryImage:
-        fd = os.memfd_create("ctfs-image", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        size = encrypted.view.size
+        writable = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=self._directory)
+        fd = -1
         try:
-            os.ftruncate(fd, encrypted.view.size)
-            decrypt_whole_into(encrypted, fd)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+            os.posix_fallocate(writable, 0, size)  # whole huge pages at once, rather than a fault per write
+            decrypt_whole_into(encrypted, writable)
+            fd = os.open(f"/proc/self/fd/{writable}", os.O_RDONLY | os.O_CLOEXEC)
             backing_id = self._backing.open(fd)
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             raise
-        return MemoryImage(encrypted.identity, fd, encrypted.view.size, backing_id)
+        finally:
+            os.close(writable)
+        return MemoryImage(encrypted.identity, fd, size, backing_id)
 
 
 def decrypt_whole_into(encrypted: EncryptedFile, fd: int) -> None:
     """Write the plain view of `encrypted` into file `fd`, checking every tag; chunks are decrypted by
     BUILD_THREADS threads. The first failure stops the rest and raises."""
     encrypted.verify_empty_tensors()
+    # All of it is read now: the disk's read-ahead may run as far ahead as it likes.
     os.posix_fadvise(encrypted.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    os.posix_fadvise(encrypted.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
     local = threading.local()
 
     def decrypt(tensor: str, index: int, size: int, position: int) -> None:
@@ -178,6 +220,7 @@ def decrypt_whole_into(encrypted: EncryptedFile, fd: int) -> None:
         finally:
             for job in jobs:
                 job.cancel()
+    os.posix_fadvise(encrypted.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # the image holds it now
 
 
 def _write_all(fd: int, data: memoryview, position: int) -> None:

@@ -16,7 +16,7 @@ from ctfs.daemon import sdnotify
 from ctfs.daemon.chunk_cache import ChunkCache
 from ctfs.daemon.config import AUDIT_TO_JOURNAL, MountConfig
 from ctfs.daemon.fuse_ops import Operations, mount_options
-from ctfs.daemon.images import Backing, ImageStore
+from ctfs.daemon.images import Backing, ImageStore, private_tmpfs
 from ctfs.daemon.integrity import ModelGuard
 from ctfs.daemon.lowlevel import Session
 from ctfs.daemon.mountpoint import (
@@ -196,15 +196,20 @@ class Daemon:
         if not session.negotiate_passthrough():
             log.info("the kernel does not offer FUSE passthrough: every file is served through the chunk cache")
             return
-        probe = os.memfd_create("ctfs-probe", os.MFD_CLOEXEC)
-        try:
-            session.close_backing(session.open_backing(probe))
-        except OSError as exc:  # registering backing files takes CAP_SYS_ADMIN
+        directory = -1
+        try:  # both take CAP_SYS_ADMIN
+            directory = private_tmpfs()
+            probe = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=directory)
+            try:
+                session.close_backing(session.open_backing(probe))
+            finally:
+                os.close(probe)
+        except OSError as exc:
+            if directory >= 0:
+                os.close(directory)
             log.info("no FUSE passthrough (%s): every file is served through the chunk cache", exc.strerror)
             return
-        finally:
-            os.close(probe)
-        self.source.images = ImageStore(budget, Backing(session.open_backing, session.close_backing))
+        self.source.images = ImageStore(budget, Backing(session.open_backing, session.close_backing), directory)
         log.info("encrypted files are served from memory images (budget %d MiB)", budget >> 20)
 
     def run(self) -> None:
