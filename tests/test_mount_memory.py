@@ -179,3 +179,25 @@ def test_an_open_that_waits_leaves_the_daemon_answering_everything_else(tree, tm
             release.write("go\n")
         opening.join(CHILD_TIMEOUT)
         assert outcome.get("data") == tree["plain"]
+
+
+def test_while_a_shard_is_read_the_next_one_in_the_index_is_built(tree, tmp_path):
+    """transformers and vLLM read a sharded model's files in the sorted order of its index: opening one
+    builds the image of the next, so the loader's work on one overlaps the decryption of the next."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("model-1.safetensors", "model-2.safetensors", "model-3.safetensors", "other.safetensors"):
+        shutil.copy(tree["src"] / "a.safetensors", src / name)
+    # Same bytes, so one image would do: each gets its own version all the same (a path and an inode).
+    weight_map = {"w1": "model-1.safetensors", "w2": "model-2.safetensors", "w3": "model-3.safetensors"}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with mounted(src, tmp_path / "mnt", "--keys", str(tree["keys"])) as mount:
+        require_passthrough(mount)
+        assert read_all(mount.path("model-1.safetensors")) == tree["plain"]
+        assert wait_until(lambda: stats(mount)["images_built"] == 2)  # model-1's, and model-2's ahead of its open
+        assert read_all(mount.path("model-2.safetensors")) == tree["plain"]
+        assert wait_until(lambda: stats(mount)["images_built"] == 3)  # model-3's: the last
+        assert read_all(mount.path("model-3.safetensors")) == tree["plain"]
+        assert read_all(mount.path("other.safetensors")) == tree["plain"]  # in no index: nothing after it
+        counters = stats(mount)
+    assert counters["images_built"] == 4 and counters["images"] == 4

@@ -91,6 +91,7 @@ class ImageStore:
         self.budget = budget
         self._backing = backing
         self._directory = directory  # where images are made: private_tmpfs()
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="ctfs-ahead")
         self._images: OrderedDict[FileIdentity, MemoryImage] = OrderedDict()
         self._building: dict[FileIdentity, threading.Event] = {}
         self._reserved = 0  # bytes of images being built
@@ -136,6 +137,15 @@ class ImageStore:
         with self._mutex:
             image.users -= 1
 
+    def holds(self, identity: FileIdentity) -> bool:
+        """Whether the image of this version is built or being built."""
+        with self._mutex:
+            return identity in self._images or identity in self._building
+
+    def build_ahead(self, job: Callable[[], None]) -> None:
+        """Run `job` (which builds an image no open asked for yet) on the one thread for such work."""
+        self._ahead.submit(job)
+
     def drop_unused(self) -> None:
         """Forget every image no open uses (keys or policy were reloaded: the next open decrypts anew)."""
         with self._mutex:
@@ -143,6 +153,7 @@ class ImageStore:
                 self._drop(identity)
 
     def close(self) -> None:
+        self._ahead.shutdown(wait=True, cancel_futures=True)
         with self._mutex:
             for image in self._images.values():
                 os.close(image.fd)

@@ -22,11 +22,11 @@ from ctfs.daemon.served import (
     PlainView,
     verify_and_publish,
 )
-from ctfs.errors import AccessDenied, FormatError, StaleVersion
+from ctfs.errors import AccessDenied, CtfsError, FormatError, StaleVersion
 from ctfs.files.atomic import TEMP_SUFFIX
 from ctfs.files.encrypted import EncryptedFile
 from ctfs.files.fileio import FileIdentity, read_header
-from ctfs.files.modeldir import SAFETENSORS_SUFFIX
+from ctfs.files.modeldir import SAFETENSORS_SUFFIX, next_shard
 from ctfs.format.encryption import parse_crypto_header
 from ctfs.format.header import HEADER_PREFIX_SIZE, looks_like_safetensors
 from ctfs.format.view import PlainView as PlainLayout
@@ -246,7 +246,38 @@ class ModelSource:
         if image is None:
             return PlainView(encrypted, self.cache, self.options.readahead_chunks)
         encrypted.close()  # the image holds every byte: no data key stays in memory
+        self._build_next_shard(path)
         return ImageView(image, self.images)
+
+    def _build_next_shard(self, path: str) -> None:
+        """Loaders read a sharded model's files one after another: while one is read, the image of the next
+        is built. Only the image: whoever opens that file is checked then, like any reader."""
+        directory, _, name = path.rpartition("/")
+        real_dir = os.path.join(self.root, directory.lstrip("/"))
+        try:
+            following = next_shard(real_dir, name)
+        except OSError:
+            return
+        if following is not None:
+            self.images.build_ahead(lambda: self._build_image(join(directory, following), real_dir))
+
+    def _build_image(self, path: str, real_dir: str) -> None:
+        try:
+            parent = self._entry_of(real_dir, os.stat(real_dir), os.path.dirname(path))
+            entry = self.child(parent, os.path.basename(path), path)
+            if entry.kind is not Kind.ENCRYPTED or self.images.holds(entry.identity):
+                return
+            with EncryptedFile(entry.real, self.keys, label=path_text(path)) as encrypted:
+                if encrypted.identity != entry.identity:
+                    return
+                self._check_signed_bytes(path, encrypted.fileno(), entry.identity)
+                encrypted.unwrap_all()
+                image = self.images.acquire(encrypted)
+            if image is not None:
+                self.images.release(image)
+                log.debug("%s: image built ahead of its open", path_text(path))
+        except (CtfsError, OSError) as exc:  # its own open will fail and say why
+            log.debug("%s: no image built ahead: %s", path_text(path), exc)
 
     def _check_signed_bytes(self, path: str, fd: int, identity: FileIdentity) -> None:
         """With a signed model directory, the bytes of this version must be those model.sig records."""

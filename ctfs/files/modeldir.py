@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -19,6 +20,9 @@ from ctfs.files.atomic import (
 from ctfs.format.header import HEADER_PREFIX_SIZE, looks_like_safetensors
 
 SAFETENSORS_SUFFIX = ".safetensors"
+# A sharded checkpoint's index (transformers' model.safetensors.index.json): which shard holds each weight.
+INDEX_SUFFIX = ".safetensors.index.json"
+INDEX_SIZE_LIMIT = 64 * 1024 * 1024
 # Version-control metadata is not part of a model: git's LFS objects hold the plain weights themselves.
 VCS_DIRECTORIES = frozenset({".git", ".hg", ".svn"})
 
@@ -30,6 +34,24 @@ def is_safetensors(path: Path) -> bool:
         return True
     with open(path, "rb") as f:
         return looks_like_safetensors(f.read(HEADER_PREFIX_SIZE + 1), os.fstat(f.fileno()).st_size)
+
+
+def next_shard(directory: str, name: str) -> str | None:
+    """The shard a loader reads after shard `name` of `directory`: transformers and vLLM read the files an
+    index maps weights to in sorted order. None when no index there lists `name`, or it is the last."""
+    for entry in sorted(os.listdir(directory)):
+        if not entry.endswith(INDEX_SUFFIX):
+            continue
+        try:
+            with open(os.path.join(directory, entry), "rb") as index:
+                weight_map = json.loads(index.read(INDEX_SIZE_LIMIT))["weight_map"]
+            shards = sorted({v for v in weight_map.values() if isinstance(v, str) and "/" not in v})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # not an index a loader could use either
+        if name in shards:
+            position = shards.index(name) + 1
+            return shards[position] if position < len(shards) else None
+    return None
 
 
 def walk_files(root: Path) -> Iterator[Path]:
