@@ -22,6 +22,7 @@ from ctfs.files.encrypt import EncryptOptions, encrypt_file
 from ctfs.files.encrypted import verify_files
 from ctfs.files.inspect import describe
 from ctfs.files.modeldir import (
+    SIGNATURE_NAME,
     check_distinct,
     is_safetensors,
     safetensors_data_bytes,
@@ -204,6 +205,9 @@ def _apply(src: Path, dst: Path, force: bool, verb: str, operation, finish=None)
         with progress(safetensors_data_bytes(files), verb) as bar:
             done = transform_tree(src, dst, lambda s, d: operation(s, d, bar.update), finish)
         click.echo(f"{verb}ed {len(done)} safetensors file(s) from {src} into {dst}")
+        if (src / SIGNATURE_NAME).is_file() and finish is None:
+            click.echo(f"left out {SIGNATURE_NAME}: it signs the bytes of {src}, not these; "
+                       f"sign {dst} with `ctfs sign` if it is to be published")
     else:
         if dst.is_dir():
             dst = dst / src.name

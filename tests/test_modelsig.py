@@ -323,3 +323,21 @@ def test_the_mount_takes_the_model_pubkey_from_its_flag(tmp_path, monkeypatch, s
                                            "--model-pubkey", signed.model_pub.name])
     assert result.exit_code == 0, result.output
     assert configs[0].model_pubkey == str(signed.model_pub)
+
+
+def test_decrypting_or_reencrypting_a_signed_directory_leaves_its_signature_behind(tmp_path, signed):
+    """model.sig records the bytes of the files it signs: the decrypted tree holds other bytes, so a copy of
+    it there would be a signature that no longer holds."""
+    plain = tmp_path / "plain"
+    result = ctfs("decrypt", str(signed.a), str(plain), "--keys", str(signed.keys))
+    assert result.returncode == 0, result.stderr
+    assert not (plain / SIGNATURE_NAME).exists()
+    assert sorted(p.name for p in plain.iterdir()) == sorted([*SHARDS, *OTHER_FILES])
+    assert f"left out {SIGNATURE_NAME}" in result.stdout
+    signed_plain = make_model(tmp_path / "signed-plain", 3)
+    assert ctfs("sign", str(signed_plain), "--model-key", str(signed.model_key)).returncode == 0
+    encrypted = tmp_path / "encrypted"
+    result = ctfs("encrypt", str(signed_plain), str(encrypted), "--keys", str(signed.keys))
+    assert result.returncode == 0, result.stderr
+    assert not (encrypted / SIGNATURE_NAME).exists()
+    assert f"left out {SIGNATURE_NAME}" in result.stdout

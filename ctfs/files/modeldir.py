@@ -20,6 +20,8 @@ from ctfs.files.atomic import (
 from ctfs.format.header import HEADER_PREFIX_SIZE, looks_like_safetensors
 
 SAFETENSORS_SUFFIX = ".safetensors"
+# A signed model directory's signature (OpenSSF model signing), at its top.
+SIGNATURE_NAME = "model.sig"
 # A sharded checkpoint's index (transformers' model.safetensors.index.json): which shard holds each weight.
 INDEX_SUFFIX = ".safetensors.index.json"
 INDEX_SIZE_LIMIT = 64 * 1024 * 1024
@@ -88,7 +90,8 @@ def copy_file(src: Path, dst: Output) -> None:
 
 def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Output], None],
                    finish: Callable[[Path], None] | None = None) -> list[Path]:
-    """`transform(src_file, output)` every safetensors file; copy the rest unchanged.
+    """`transform(src_file, output)` every safetensors file; copy the rest unchanged, less the source's
+    signature (model.sig), which records the source's bytes and would not hold for the new tree.
 
     Every output file stays unnamed until the whole tree is written, then the tree appears at `dst` in
     one short step (see HeldTree): a failure or a kill leaves no partial output, and no plaintext.
@@ -101,7 +104,7 @@ def transform_tree(src: Path, dst: Path, transform: Callable[[Path, Output], Non
         raise CtfsError(f"{src} is not a directory")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CtfsError(f"destination {dst} exists and is not an empty directory")
-    files = list(walk_files(src))
+    files = [rel for rel in walk_files(src) if rel != Path(SIGNATURE_NAME)]
     dst.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(dst.parent)
     done = []

@@ -26,9 +26,9 @@ from model_signing._signing import sign_ec_key, sign_sigstore_pb
 from ctfs.errors import CtfsError, IntegrityError, KeyUnavailable
 from ctfs.files.atomic import atomic_output, write_all
 from ctfs.files.fileio import pread_exact_into
+from ctfs.files.modeldir import SIGNATURE_NAME
 from ctfs.keys.jwk import check_private_file
 
-SIGNATURE_NAME = "model.sig"
 # The curves model-signing's key signer accepts.
 SUPPORTED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 READ_SIZE = 8 << 20
