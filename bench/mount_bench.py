@@ -1,11 +1,13 @@
 """Benchmark the mount against the targets of issue 14: each a ratio to a ceiling measured in the same run.
 
-    sudo .venv/bin/python bench/mount_bench.py            # 1 GiB file, 1 GiB model in 8 shards (~15 min)
+    sudo .venv/bin/python bench/mount_bench.py            # 1 GiB file, 1 GiB model in 8 shards (~17 min)
     sudo .venv/bin/python bench/mount_bench.py --quick    # small sizes, one run each: a smoke test (exit 0 whatever the verdicts)
 
 It builds its data in a work directory (a safetensors file of F32/F16 tensors, and a Llama-style transformers
 model with random BF16 weights saved in shards), encrypts both with `ctfs encrypt` (format 2), and measures,
-each pair interleaved (A B A B ...) so both see the same machine, as the median of `--repeat` runs:
+each pair interleaved (A B A B ...) so both see the same machine, as the median of `--repeat` runs. The mount
+runs as it does by default (memory images where the kernel grants FUSE passthrough), and the cold reads, warm
+re-reads, model loads and vLLM loads are measured through the chunk cache as well (`--memory-budget 0`):
 
 - cold sequential 1 MiB reads of the file through a fresh mount with caches dropped, against
   bench/null_fuse.py --disk (a daemon with the mount's FUSE settings that preads the plaintext file from the
