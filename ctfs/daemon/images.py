@@ -201,9 +201,7 @@ def decrypt_whole_into(encrypted: EncryptedFile, fd: int) -> None:
     """Write the plain view of `encrypted` into file `fd`, checking every tag; chunks are decrypted by
     BUILD_THREADS threads. The first failure stops the rest and raises."""
     encrypted.verify_empty_tensors()
-    # All of it is read now: the disk's read-ahead may run as far ahead as it likes.
     os.posix_fadvise(encrypted.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    os.posix_fadvise(encrypted.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
     local = threading.local()
 
     def decrypt(tensor: str, index: int, size: int, position: int) -> None:
