@@ -47,7 +47,7 @@ class MountConfig:
     insecure_key_perms: bool = False
     # Bytes of decrypted chunks kept in memory, shared by all open files.
     cache_size: int = 256 * MiB
-    # Bytes of whole decrypted files held in sealed memory and read by the kernel itself (FUSE
+    # Bytes of whole decrypted files held in memory and read by the kernel itself (FUSE
     # passthrough, when the kernel grants it); None: half the machine's memory, 0: never.
     memory_budget: int | None = None
     # "full" checks every tag at first open: mmap readers then never meet a mid-file EIO (SIGBUS).

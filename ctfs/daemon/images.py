@@ -121,16 +121,19 @@ class ImageStore:
             building.wait()  # another open builds it: take that image, or build again if it failed
         try:
             image = self._build(encrypted)
-        finally:
+        except BaseException:
             with self._mutex:
                 self._reserved -= size
                 self._building.pop(identity).set()
-        with self._mutex:
+            raise
+        with self._mutex:  # in one step with the end of the build: a waiter wakes to find the image
+            self._reserved -= size
             image.users = 1
             self._images[identity] = image
             self._used += size
             self._built += 1
             self._decrypted += encrypted.encrypted_bytes
+            self._building.pop(identity).set()
         return image
 
     def release(self, image: MemoryImage) -> None:

@@ -201,7 +201,7 @@ _INIT_OUT_FLAGS, _INIT_OUT_FLAGS2, _INIT_OUT_STACK_DEPTH = _OUT_HEADER + 12, _OU
 FUSE_INIT_EXT = 1 << 30  # flags: flags2 is meaningful
 FUSE_PASSTHROUGH_FLAGS2 = 1 << (37 - 32)
 FOPEN_PASSTHROUGH = 1 << 7
-# A backing file may sit on a file system stacked this deep at most, plus one: 1 takes tmpfs (memfd), ext4, xfs.
+# A backing file may sit on a file system stacked this deep at most, plus one: 1 takes tmpfs, ext4, xfs.
 PASSTHROUGH_STACK_DEPTH = 1
 FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501  # _IOW(229, 1, struct fuse_backing_map)
 FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, uint32_t)
@@ -275,7 +275,6 @@ class Session:
         self._se = libfuse.fuse_session_new(ctypes.byref(self._args), ctypes.byref(ops), ctypes.sizeof(ops), None)
         if not self._se:
             raise CtfsError(f"libfuse refused the mount options {','.join(options)}")
-        self.passthrough = False
 
     def mount(self, mountpoint: str) -> None:
         if libfuse.fuse_session_mount(self._se, os.fsencode(mountpoint)) != 0:
@@ -304,7 +303,6 @@ class Session:
             struct.pack_into("=I", reply, _INIT_OUT_STACK_DEPTH, PASSTHROUGH_STACK_DEPTH)
             granted = True
         os.write(fd, reply)
-        self.passthrough = granted
         return granted
 
     def _run_captured(self, fd: int, buf: Buf) -> bytearray:

@@ -231,11 +231,8 @@ class ModelSource:
                 os.close(fd)
                 raise
             return PassthroughFile(fd, entry.identity)
-        encrypted = EncryptedFile(entry.real, self.keys, label=path_text(path))
+        encrypted = self._open_encrypted(path, entry)
         try:
-            if encrypted.identity != entry.identity:
-                raise StaleVersion(f"{path_text(path)}: changed since it was looked up")
-            self._check_signed_bytes(path, encrypted.fileno(), entry.identity)
             self._admit(path, encrypted, reader)
             image = None if chunks_only or self.images is None else self.images.acquire(encrypted)
             if image is None:
@@ -267,10 +264,7 @@ class ModelSource:
             entry = self.child(parent, os.path.basename(path), path)
             if entry.kind is not Kind.ENCRYPTED or self.images.holds(entry.identity):
                 return
-            with EncryptedFile(entry.real, self.keys, label=path_text(path)) as encrypted:
-                if encrypted.identity != entry.identity:
-                    return
-                self._check_signed_bytes(path, encrypted.fileno(), entry.identity)
+            with self._open_encrypted(path, entry) as encrypted:
                 encrypted.unwrap_all()
                 image = self.images.acquire(encrypted)
             if image is not None:
@@ -278,6 +272,19 @@ class ModelSource:
                 log.debug("%s: image built ahead of its open", path_text(path))
         except (CtfsError, OSError) as exc:  # its own open will fail and say why
             log.debug("%s: no image built ahead: %s", path_text(path), exc)
+
+    def _open_encrypted(self, path: str, entry: Entry) -> EncryptedFile:
+        """The version `entry` names, its header signed by a trusted signer and, in a signed model directory,
+        its bytes those model.sig records."""
+        encrypted = EncryptedFile(entry.real, self.keys, label=path_text(path))
+        try:
+            if encrypted.identity != entry.identity:
+                raise StaleVersion(f"{path_text(path)}: changed since it was looked up")
+            self._check_signed_bytes(path, encrypted.fileno(), entry.identity)
+        except BaseException:
+            encrypted.close()
+            raise
+        return encrypted
 
     def _check_signed_bytes(self, path: str, fd: int, identity: FileIdentity) -> None:
         """With a signed model directory, the bytes of this version must be those model.sig records."""
