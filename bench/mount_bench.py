@@ -6,8 +6,8 @@
 It builds its data in a work directory (a safetensors file of F32/F16 tensors, and a Llama-style transformers
 model with random BF16 weights saved in shards), encrypts both with `ctfs encrypt` (format 2), and measures,
 each pair interleaved (A B A B ...) so both see the same machine, as the median of `--repeat` runs. The mount
-runs as it does by default (memory images where the kernel grants FUSE passthrough), and the cold reads, warm
-re-reads, model loads and vLLM loads are measured through the chunk cache as well (`--memory-budget 0`):
+runs as it does by default (through the chunk cache), and the cold reads, warm
+re-reads, model loads and vLLM loads are measured from memory images as well (`--memory-budget 4G`):
 
 - cold sequential 1 MiB reads of the file through a fresh mount with caches dropped, against
   bench/null_fuse.py --disk (a daemon with the mount's FUSE settings that preads the plaintext file from the
@@ -73,11 +73,11 @@ VLLM_LOAD_MAX = 1.5          # vLLM "Loading weights", cold mount <= 1.5x plaint
 RSS_ALLOWANCE = 150 * 10**6  # daemon peak RSS <= cache size + 150 MB
 
 VLLM_STRATEGIES = ("default", "prefetch")
-# The mount's two ways of serving an encrypted file: memory images read by the kernel (the default, where
-# the kernel grants FUSE passthrough) and the chunk cache. Targets apply to the default; the chunk cache's
-# figures print beside them.
-CHUNKS = ("--memory-budget", "0")
-MODES = {"ctfs": (), "chunks": CHUNKS}
+# The mount's two ways of serving an encrypted file: the chunk cache (the default) and memory images read by
+# the kernel (FUSE passthrough, with a memory budget). Targets apply to the default; the images' figures print
+# beside them.
+IMAGES = ("--memory-budget", "4G")
+MODES = {"ctfs": (), "images": IMAGES}
 VLLM_WEIGHTS_LINE = re.compile(r"Loading weights took ([0-9.]+) seconds")
 # Child processes read models offline and quietly; nothing is ever downloaded.
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -509,9 +509,9 @@ class Bench:
 
     def cold_reads(self) -> None:
         """ctfs against the disk null daemon, alternating which goes first."""
-        log("cold 1 MiB reads: ctfs (memory images, chunk cache) and the disk null daemon, interleaved")
+        log("cold 1 MiB reads: ctfs (chunk cache, memory images) and the disk null daemon, interleaved")
         for i in range(self.args.repeat):
-            for who in (("ctfs", "null", "chunks") if i % 2 == 0 else ("chunks", "null", "ctfs")):
+            for who in (("ctfs", "null", "images") if i % 2 == 0 else ("images", "null", "ctfs")):
                 if who != "null":
                     with self.mounts.ctfs(self.data["enc_dir"], self.mnt, *MODES[who]) as report:
                         drop_caches()
@@ -525,12 +525,12 @@ class Bench:
             self.runs["aes_cpu"].append(aes_seconds_per_gib())
 
     def warm_reads(self) -> None:
-        log("warm re-reads: ctfs (memory images, chunk cache), the null daemon, the plaintext file, interleaved")
-        chunks_mnt = self.work / "mnt-chunks"
+        log("warm re-reads: ctfs (chunk cache, memory images), the null daemon, the plaintext file, interleaved")
+        images_mnt = self.work / "mnt-images"
         with self.mounts.ctfs(self.data["enc_dir"], self.mnt), \
-                self.mounts.ctfs(self.data["enc_dir"], chunks_mnt, *CHUNKS), \
+                self.mounts.ctfs(self.data["enc_dir"], images_mnt, *IMAGES), \
                 self.mounts.null(self.nmnt, [self.plain], "--disk"):
-            files = {"ctfs_warm": self.mnt / self.plain.name, "chunks_warm": chunks_mnt / self.plain.name,
+            files = {"ctfs_warm": self.mnt / self.plain.name, "images_warm": images_mnt / self.plain.name,
                      "null_warm": self.nmnt / self.plain.name, "plain_warm": self.plain}
             for path in files.values():
                 read_sequential(path)
@@ -539,19 +539,18 @@ class Bench:
                     self.runs[name].append(rate_of(lambda p=path: read_sequential(p)))
 
     def model_loads(self) -> None:
-        log("transformers load + forward: plaintext, cold mount (memory images; chunk cache without and with "
-            "--verify full), with --model-pubkey, interleaved")
+        log("transformers load + forward: plaintext, cold mount (chunk cache without and with --verify full; "
+            "memory images), with --model-pubkey, interleaved")
         plain_weights = sum(p.stat().st_size for p in self.data["model_plain"].glob("*.safetensors"))
         for _ in range(self.args.repeat):
             warmup = self.data["model_tiny"]
             self.runs["plain_model"].append(load_model_seconds(self.data["model_plain"], warmup))
-            for name, extra in (("ctfs_model", ()), ("chunks_model", CHUNKS),
-                                ("full_model", (*CHUNKS, "--verify", "full")),
+            for name, extra in (("ctfs_model", ()), ("images_model", IMAGES), ("full_model", ("--verify", "full")),
                                 ("signed_model", ("--model-pubkey", str(self.data["model_pubkey"])))):
                 with self.mounts.ctfs(self.data["model_enc"], self.mnt, *extra) as report:
                     self.runs[name].append(load_model_seconds(self.mnt, warmup))
-                    if name == "ctfs_model":  # again, the page cache dropped again: memory images stay
-                        self.runs["ctfs_model_again"].append(load_model_seconds(self.mnt, warmup))
+                    if name == "images_model":  # again, the page cache dropped again: memory images stay
+                        self.runs["images_model_again"].append(load_model_seconds(self.mnt, warmup))
                 stats = report.stats
                 if stats.get("served_bytes"):
                     self.runs[f"{name}_decrypted_per_served"].append(stats["decrypted_bytes"] / stats["served_bytes"])
@@ -663,21 +662,21 @@ def table(bench: Bench, args: argparse.Namespace, vllm_missing: str) -> list[Row
 
     ratio_row("cold 1 MiB reads, 1 GiB-class file: ctfs vs disk null daemon", "ctfs_cold", "null_cold",
               COLD_READ_MIN, True, "GB/s")
-    context_row("same, chunk cache", "chunks_cold", "null_cold", "GB/s")
+    context_row("same, memory images", "images_cold", "null_cold", "GB/s")
     allowance = [CPU_FACTOR * n + CPU_AES * a for n, a in zip(runs["null_cold_cpu"], runs["aes_cpu"])]
     cpu_ratios = [c / a for c, a in zip(runs["ctfs_cold_cpu"], allowance)]
     rows.append(Row("cold CPU s/GiB (daemon + reader): ctfs vs 1.15x disk null + 2x AES-GCM",
                     spread(runs["ctfs_cold_cpu"]), spread(allowance), spread(cpu_ratios) + "x", "<= 1.0x",
                     statistics.median(cpu_ratios) <= 1.0))
     ratio_row("warm re-read: ctfs vs null daemon", "ctfs_warm", "null_warm", WARM_READ_MIN, True, "GB/s")
-    context_row("same, chunk cache", "chunks_warm", "null_warm", "GB/s")
+    context_row("same, memory images", "images_warm", "null_warm", "GB/s")
     ratio_row("transformers load + forward, cold: ctfs vs plaintext dir", "ctfs_model", "plain_model",
               MODEL_LOAD_MAX, False, "s")
-    context_row("same, chunk cache", "chunks_model", "plain_model", "s")
-    ratio_row("chunk cache: that load with --verify full vs without", "full_model", "chunks_model", VERIFY_FULL_MAX,
+    context_row("same, memory images", "images_model", "plain_model", "s")
+    ratio_row("that load with --verify full vs without", "full_model", "ctfs_model", VERIFY_FULL_MAX,
               False, "s")
-    worst = max(runs["chunks_model_decrypted_per_served"], default=float("nan"))
-    rows.append(Row("chunk cache: decrypted / served bytes, that load (worst run)", f"{worst:.3f}", "", "",
+    worst = max(runs["ctfs_model_decrypted_per_served"], default=float("nan"))
+    rows.append(Row("decrypted / served bytes, that load (worst run)", f"{worst:.3f}", "", "",
                     "<= 1.05", worst <= DECRYPTED_PER_SERVED_MAX))
     for strategy in VLLM_STRATEGIES:
         name = f"vLLM 'Loading weights', cold, strategy {strategy}: ctfs vs plaintext dir"
@@ -685,7 +684,7 @@ def table(bench: Bench, args: argparse.Namespace, vllm_missing: str) -> list[Row
             rows.append(Row(f"{name}, s", f"not measured ({vllm_missing})", "", "", f"<= {VLLM_LOAD_MAX}x"))
         else:
             ratio_row(name, f"vllm_ctfs_{strategy}", f"vllm_plain_{strategy}", VLLM_LOAD_MAX, False, "s")
-            context_row("same, chunk cache", f"vllm_chunks_{strategy}", f"vllm_plain_{strategy}", "s")
+            context_row("same, memory images", f"vllm_images_{strategy}", f"vllm_plain_{strategy}", "s")
     limit = args.cache_size + RSS_ALLOWANCE
     rows.append(Row(f"daemon peak RSS, all mounts (cache {human(args.cache_size)})", human(bench.mounts.peak_rss),
                     human(limit), "", "<= cache + 150 MB", bench.mounts.peak_rss <= limit))
@@ -697,11 +696,11 @@ def table(bench: Bench, args: argparse.Namespace, vllm_missing: str) -> list[Row
                         spread(paired(runs, f"readers_ctfs_{n}", f"readers_null_disk_{n}")) + "x disk"))
     context = [
         ("context: AES-256-GCM CPU s/GiB, one core (2 MiB chunks)", spread(runs["aes_cpu"], "{:.3f}")),
-        ("context: bytes decrypted (checks included) per shard byte, memory images | chunk cache without | with "
-         "--verify full", " | ".join(spread(runs[f"{k}_model_decrypted_per_shard_byte"], "{:.3f}")
-                                     for k in ("ctfs", "chunks", "full"))),
-        ("context: a second transformers load + forward on the same mount, page cache dropped again, vs the "
-         "plaintext dir's (cold)", spread(paired(runs, "ctfs_model_again", "plain_model")) + "x"),
+        ("context: bytes decrypted (checks included) per shard byte, chunk cache without | with --verify full | "
+         "memory images", " | ".join(spread(runs[f"{k}_model_decrypted_per_shard_byte"], "{:.3f}")
+                                     for k in ("ctfs", "full", "images"))),
+        ("context: memory images, a second transformers load + forward on the same mount, page cache dropped "
+         "again, vs the plaintext dir's (cold)", spread(paired(runs, "images_model_again", "plain_model")) + "x"),
         ("context: --model-pubkey (signed directory enforced) vs without, transformers load + forward",
          spread(paired(runs, "signed_model", "ctfs_model")) + "x"),
         ("context: warm re-read, plaintext file from page cache, GB/s", spread(runs["plain_warm"])),

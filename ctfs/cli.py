@@ -319,7 +319,7 @@ def _mount_options(func):
                      help="TOML file with the mount options; flags given here override it."),
         click.option("--cache-size", default=f"{MountConfig.cache_size // MiB}M", show_default=True,
                      help="Bytes of decrypted chunks kept in memory, e.g. 512M."),
-        click.option("--memory-budget", show_default="half the machine's memory",
+        click.option("--memory-budget", show_default="0: none",
                      help="Bytes of whole decrypted files the kernel reads from memory itself (FUSE "
                           "passthrough), e.g. 16G; 0 serves every file through the chunk cache."),
         click.option("--verify", type=click.Choice(VERIFY_MODES), default=MountConfig.verify, show_default=True,

@@ -132,12 +132,11 @@ def test_plaintext_tensors_of_a_partially_encrypted_file_are_served_with_a_warni
 
 
 def test_verify_full_decrypts_each_chunk_once_for_the_check_and_the_readers(served_dir, tmp_path):
-    """Served through the chunk cache, the tags checked at the first open are the bytes served: the verified
-    plain file goes into the kernel's page cache, so whole-file reads and an mmap after it decrypt nothing
-    more."""
+    """The tags checked at the first open are the bytes served: the verified plain file goes into the
+    kernel's page cache, so whole-file reads and an mmap after it decrypt nothing more."""
     root, src, plain, key_file = served_dir
     name = SERVED_NAMES[1]  # v2, chunks of an odd size: pages straddle chunks
-    with mounted(src, tmp_path / "mnt", "--keys", str(key_file), "--verify", "full", "--memory-budget", "0") as mount:
+    with mounted(src, tmp_path / "mnt", "--keys", str(key_file), "--verify", "full") as mount:
         assert call_with_timeout(mount.path(name).read_bytes) == plain[name]
         run = subprocess.run([sys.executable, str(CONSUMERS_SCRIPT), "memmap_r", str(mount.path(name))],
                              capture_output=True, text=True, timeout=CHILD_TIMEOUT)

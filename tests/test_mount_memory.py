@@ -33,6 +33,7 @@ from ctfs.files.encrypt import EncryptOptions, encrypt_file
 pytestmark = requires_fuse
 
 KERNEL_PASSTHROUGH = "encrypted files are served from memory images"
+IMAGES = ("--memory-budget", "1G")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def require_passthrough(mount) -> None:
 
 
 def test_reads_and_mmaps_are_served_by_the_kernel_from_the_image(tree, tmp_path):
-    with mounted(tree["src"], tmp_path / "mnt", "--keys", str(tree["keys"])) as mount:
+    with mounted(tree["src"], tmp_path / "mnt", "--keys", str(tree["keys"]), *IMAGES) as mount:
         require_passthrough(mount)
         path = mount.path("a.safetensors")
         assert read_all(path) == tree["plain"]
@@ -81,7 +82,7 @@ def test_reads_and_mmaps_are_served_by_the_kernel_from_the_image(tree, tmp_path)
 
 
 def test_a_tampered_file_fails_at_open_not_in_a_readers_mmap(tree, tmp_path):
-    with mounted(tree["src"], tmp_path / "mnt", "--keys", str(tree["keys"])) as mount:
+    with mounted(tree["src"], tmp_path / "mnt", "--keys", str(tree["keys"]), *IMAGES) as mount:
         require_passthrough(mount)
         with pytest.raises(OSError) as refused:
             call_with_timeout(lambda: open(mount.path("flipped.safetensors"), "rb"))
@@ -126,7 +127,7 @@ def test_an_unused_image_makes_room_and_one_nodes_opens_never_mix_modes(tree, tm
 def test_a_replaced_file_gets_a_new_image_while_the_old_reader_keeps_its_bytes(tree, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tree["src"], src)
-    with mounted(src, tmp_path / "mnt", "--keys", str(tree["keys"])) as mount:
+    with mounted(src, tmp_path / "mnt", "--keys", str(tree["keys"]), *IMAGES) as mount:
         require_passthrough(mount)
         with open(mount.path("a.safetensors"), "rb") as old:
             os.replace(src / "flipped.safetensors", src / "a.safetensors")
@@ -191,7 +192,7 @@ def test_while_a_shard_is_read_the_next_one_in_the_index_is_built(tree, tmp_path
     # Same bytes, so one image would do: each gets its own version all the same (a path and an inode).
     weight_map = {"w1": "model-1.safetensors", "w2": "model-2.safetensors", "w3": "model-3.safetensors"}
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    with mounted(src, tmp_path / "mnt", "--keys", str(tree["keys"])) as mount:
+    with mounted(src, tmp_path / "mnt", "--keys", str(tree["keys"]), *IMAGES) as mount:
         require_passthrough(mount)
         assert read_all(mount.path("model-1.safetensors")) == tree["plain"]
         assert wait_until(lambda: stats(mount)["images_built"] == 2)  # model-1's, and model-2's ahead of its open

@@ -47,9 +47,9 @@ class MountConfig:
     insecure_key_perms: bool = False
     # Bytes of decrypted chunks kept in memory, shared by all open files.
     cache_size: int = 256 * MiB
-    # Bytes of whole decrypted files held in memory and read by the kernel itself (FUSE
-    # passthrough, when the kernel grants it); None: half the machine's memory, 0: never.
-    memory_budget: int | None = None
+    # Bytes of whole decrypted files held in memory and read by the kernel itself (FUSE passthrough,
+    # when the kernel grants it); 0: none, every file goes through the chunk cache.
+    memory_budget: int = 0
     # "full" checks every tag at first open: mmap readers then never meet a mid-file EIO (SIGBUS).
     verify: str = "open"
     # Plain safetensors in the source are a downgrade, refused unless asked for.

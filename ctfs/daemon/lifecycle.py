@@ -190,7 +190,7 @@ class Daemon:
     def _serve_from_memory(self, session: Session) -> None:
         """Answer the kernel's INIT, asking for FUSE passthrough; once granted, encrypted files are served
         from memory images the kernel reads itself (docs/performance.md)."""
-        budget = default_memory_budget() if self.config.memory_budget is None else self.config.memory_budget
+        budget = self.config.memory_budget
         if not budget:
             return
         if not session.negotiate_passthrough():
@@ -241,11 +241,6 @@ class Daemon:
         if not self.ready.is_set() and not self.stop_requested.is_set():
             raise CtfsError(f"could not mount {self.mountpoint} (see the messages above)")
         log.info("unmounted %s", self.mountpoint)
-
-
-def default_memory_budget() -> int:
-    """Half the machine's memory."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 def default_threads() -> int:

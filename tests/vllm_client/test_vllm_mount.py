@@ -153,21 +153,26 @@ def mounts(tmp_path_factory):
         good_full = stack.enter_context(mounted(encrypted, root / "mnt-good-full", "--keys", str(keys),
                                                 "--verify", "full"))
         full = stack.enter_context(mounted(tampered, root / "mnt-full", "--keys", str(keys), "--verify", "full"))
-        open_ = stack.enter_context(mounted(tampered, root / "mnt-open", "--keys", str(keys), "--memory-budget", "0"))
-        yield {"root": root, "plain": plain, "good": good, "good-full": good_full, "full": full, "open": open_}
+        open_ = stack.enter_context(mounted(tampered, root / "mnt-open", "--keys", str(keys)))
+        images = stack.enter_context(mounted(encrypted, root / "mnt-images", "--keys", str(keys),
+                                             "--memory-budget", "1G"))
+        yield {"root": root, "plain": plain, "good": good, "good-full": good_full, "full": full, "open": open_,
+               "images": images}
 
 
 @pytest.fixture(scope="module")
 def in_process(mounts) -> VllmRuns:
     """Every run that can share one process (an LLM() each): each strategy on the plain directory and on the
     good mount, the random-weights control, the good mount as docs/server.md recommends serving it
-    (`--verify full`, prefetch), and each strategy on the tampered mount with `--verify full`."""
+    (`--verify full`, prefetch), the good files served from memory images, and each strategy on the tampered
+    mount with `--verify full`."""
     runs = [run("dummy", mounts["plain"], "default", load_format="dummy")]
     for strategy in STRATEGIES:
         runs += [run(f"plain-{strategy}", mounts["plain"], strategy),
                  run(f"good-{strategy}", mounts["good"].mountpoint, strategy),
                  run(f"full-{strategy}", mounts["full"].mountpoint, strategy)]
     runs.append(run("good-full-prefetch", mounts["good-full"].mountpoint, "prefetch"))
+    runs.append(run("images-default", mounts["images"].mountpoint, "default"))
     return run_vllm(mounts["root"] / "in-process", runs, in_process=True)
 
 
@@ -208,7 +213,8 @@ def test_random_weights_give_other_tokens_so_the_comparison_can_fail(in_process)
     assert max_logprob_difference(dummy, real) > 0
 
 
-@pytest.mark.parametrize("mount, strategy", [*(("good", s) for s in STRATEGIES), ("good-full", "prefetch")])
+@pytest.mark.parametrize("mount, strategy", [*(("good", s) for s in STRATEGIES), ("good-full", "prefetch"),
+                                             ("images", "default")])
 def test_vllm_through_the_mount_gives_the_plain_tokens_and_logprobs(mounts, in_process, mount, strategy):
     label = f"{mount}-{strategy}"
     got, want = in_process.results[label], in_process.results[f"plain-{strategy}"]
@@ -267,9 +273,9 @@ def test_served_with_verify_full_vllm_reports_the_refused_file_as_the_root_cause
 
 
 def test_served_with_verify_open_a_tampered_shard_still_fails_the_load_but_only_the_daemon_says_why(mounts, served):
-    # Served through the chunk cache with the default verify mode: the open succeeds and the worker's mmap
-    # read of the bad chunk gets EIO, which the kernel turns into SIGBUS; vLLM reports only that its engine
-    # failed to start. (From a memory image, the open fails, as with --verify full.)
+    # The default mode: the open succeeds and the worker's mmap read of the bad chunk gets EIO, which the
+    # kernel turns into SIGBUS; vLLM reports only that its engine failed to start. (From a memory image,
+    # the open fails, as with --verify full.)
     assert served.results["open"]["error"].startswith("RuntimeError: Engine core initialization failed"), \
         served.detail("open")
     lines = daemon_lines_about_the_shard(mounts["open"])
