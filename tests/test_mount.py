@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_keys, seeded_tensors, write_plain
+from conftest import flip_file_bit, make_keys, seeded_tensors, write_plain
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mounting import (
@@ -25,6 +25,7 @@ from mounting import (
     mounted,
     requires_fuse,
     served_tensors,
+    wait_until,
     write_key_file,
 )
 
@@ -146,3 +147,41 @@ def test_verify_full_decrypts_each_chunk_once_for_the_check_and_the_readers(serv
     encrypted_bytes = sum(t.nbytes for t in served_tensors().values())
     assert stats["verified_bytes"] == encrypted_bytes  # one pass, the check's ...
     assert stats["decrypted_bytes"] == 0  # ... and the reads were served from what it verified
+
+
+def test_verify_full_checks_the_next_shards_of_an_index_while_one_is_read(tmp_path):
+    """Loaders look every shard of an index up, then read them in sorted order. With --verify full, opening
+    one verifies the next two into their page caches meanwhile: their opens then wait for no check and their
+    reads decrypt nothing. A tampered shard is found then too, and its own open still fails."""
+    keys = make_keys()
+    src = tmp_path / "src"
+    src.mkdir()
+    plain = write_plain(tmp_path / "plain.safetensors", served_tensors())
+    names = ["model-1.safetensors", "model-2.safetensors", "model-3.safetensors", "model-4.safetensors"]
+    for name in names:
+        encrypt_file(plain, src / name, keys.enc, keys.sign, EncryptOptions("2", SERVED_CHUNK_SIZE))
+    flip_file_bit(src / names[3], (src / names[3]).stat().st_size - 1000)
+    weight_map = {f"w{i}": name for i, name in enumerate(names)}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    decrypt_file(src / names[0], tmp_path / "view", keys.store)
+    view = (tmp_path / "view").read_bytes()
+    encrypted_bytes = sum(t.nbytes for t in served_tensors().values())
+
+    def stats() -> dict:
+        return json.loads(os.getxattr(mount.mountpoint, "user.ctfs.stats"))
+
+    key_file = write_key_file(tmp_path / "keys.jwk", keys)
+    with mounted(src, tmp_path / "mnt", "--keys", str(key_file), "--verify", "full") as mount:
+        for name in names:
+            os.stat(mount.path(name))  # as loaders do before reading
+        assert call_with_timeout(mount.path(names[0]).read_bytes) == view
+        assert wait_until(lambda: stats()["verified_bytes"] == 3 * encrypted_bytes)  # model-1; 2 and 3 ahead
+        assert "model-4" not in mount.log()
+        assert call_with_timeout(mount.path(names[1]).read_bytes) == view
+        assert wait_until(lambda: "model-4.safetensors: check ahead of its open failed" in mount.log())
+        assert call_with_timeout(mount.path(names[2]).read_bytes) == view
+        with pytest.raises(OSError) as refused:
+            call_with_timeout(mount.path(names[3]).read_bytes)
+        counters = stats()
+    assert refused.value.errno == errno.EIO
+    assert counters["verified_bytes"] == 3 * encrypted_bytes and counters["decrypted_bytes"] == 0

@@ -20,7 +20,7 @@ from ctfs.daemon import lowlevel as ll
 from ctfs.daemon.mountpoint import PID_XATTR
 from ctfs.daemon.nodes import Node, NodeTable
 from ctfs.daemon.served import OpenVersion
-from ctfs.daemon.source import Entry, Kind, ModelSource, join
+from ctfs.daemon.source import Entry, Kind, ModelSource, Publish, join
 from ctfs.errors import (
     AccessDenied,
     CtfsError,
@@ -118,6 +118,7 @@ class Operations:
 
     def destroy(self, userdata: int) -> None:
         self._openers.shutdown(wait=True, cancel_futures=True)
+        self.source.close()  # its checks ahead store pages through the session, which goes next
         with self._mutex:
             files, self._files = list(self._files.values()), {}
         for version, _ in files:
@@ -192,7 +193,7 @@ class Operations:
         io = self._node_io(ino)
         with io.mutex:
             try:
-                version = self.source.open(node.path, node.entry, reader, functools.partial(self._store, ino),
+                version = self.source.open(node.path, node.entry, reader, self._publisher,
                                            chunks_only=io.cached_opens > 0)
             except CtfsError as exc:
                 code = errno_of(exc)
@@ -284,6 +285,12 @@ class Operations:
             ll.libfuse.fuse_reply_xattr(req, 0)
         else:
             ll.libfuse.fuse_reply_buf(req, None, 0)
+
+    def _publisher(self, path: str, entry: Entry) -> Publish | None:
+        """Where --verify full stores the verified pages of `entry` at `path`: its node's page cache, if the
+        kernel has that node."""
+        node = self.nodes.find(path, entry)
+        return None if node is None else functools.partial(self._store, node.ino)
 
     def _store(self, ino: int, offset: int, data: memoryview) -> None:
         if self.session is not None and self.session.store(ino, offset, data) != 0:

@@ -51,6 +51,12 @@ class NodeTable:
             node.lookups += 1
             return node
 
+    def find(self, path: str, entry: Entry) -> Node | None:
+        """The node of `entry` at `path` if the kernel has it, counting no lookup."""
+        with self._mutex:
+            ino = self._by_key.get(Node(0, path, entry).key)
+            return None if ino is None else self._nodes[ino]
+
     def forget(self, ino: int, count: int) -> bool:
         """Count down the kernel's lookups of `ino`; True when that was the last and the node is gone."""
         with self._mutex:

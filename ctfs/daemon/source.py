@@ -10,6 +10,7 @@ import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # Header facts remembered per file version: enough for large model trees, bounded for a long-lived daemon.
 FACTS_CACHE_ENTRIES = 4096
+# With --verify full, the shards after an opened one that are checked ahead, two at a time.
+VERIFY_AHEAD_SHARDS = 2
 
 
 class Kind(enum.Enum):
@@ -66,6 +69,12 @@ class Entry:
     policy: str | None = None  # an encrypted file's embedded policy
     key_ids: tuple[str, ...] = ()
     problem: str | None = None  # why an unreadable file cannot be opened
+
+
+# Where --verify full puts a version's plain bytes as its tags verify: publish(offset, bytes); a publisher
+# gives the publish of a path's version, or None where it has nowhere to put them.
+Publish = Callable[[int, memoryview], object]
+Publisher = Callable[[str, Entry], Publish | None]
 
 
 @dataclass
@@ -106,6 +115,8 @@ class ModelSource:
         self._allowed_roots = (self.root, *(os.path.realpath(r) for r in self.options.follow))
         self._facts: OrderedDict[tuple[FileIdentity, bool], dict] = OrderedDict()
         self._verified: set[FileIdentity] = set()
+        self._verifying: dict[FileIdentity, threading.Event] = {}  # one check of a version at a time
+        self._ahead = ThreadPoolExecutor(VERIFY_AHEAD_SHARDS, thread_name_prefix="ctfs-verify-ahead")
         self._said: set[object] = set()  # warnings and refusals are logged once per file version or link
         self._mutex = threading.Lock()
         self._counters = _Counters()
@@ -205,15 +216,16 @@ class ModelSource:
         return os.statvfs(self.root)
 
     # -- open ------------------------------------------------------------------------------------
-    def open(self, path: str, entry: Entry, reader: Reader | None,
-             publish: Callable[[int, memoryview], object] | None = None, *, chunks_only: bool = False) -> OpenVersion:
+    def open(self, path: str, entry: Entry, reader: Reader | None, publisher: Publisher | None = None, *,
+             chunks_only: bool = False) -> OpenVersion:
         """Open the version `entry` names. Every check (header, signer, key, policy, optionally every tag)
         happens here, because a failure later, inside an mmap, would kill the reader with SIGBUS.
 
         An encrypted file is served from its memory image when there is an image store, the image fits and
         not `chunks_only`; building the image checks every tag. Otherwise it is served through the chunk
-        cache, and with --verify full `publish(offset, bytes)` receives the plain file as its tags verify
-        (the FUSE layer puts it in the kernel's page cache, so it is not decrypted a second time)."""
+        cache, and with --verify full `publisher(path, entry)` says where the plain file goes as its tags
+        verify (the FUSE layer puts it in the kernel's page cache of the version's node, so it is not
+        decrypted a second time); the next shard of an index is then verified ahead the same way."""
         if entry.kind is Kind.DIRECTORY:
             raise IsADirectoryError(21, "is a directory", path)
         if entry.kind is Kind.UNREADABLE:
@@ -235,33 +247,44 @@ class ModelSource:
         try:
             self._admit(path, encrypted, reader)
             image = None if chunks_only or self.images is None else self.images.acquire(encrypted)
-            if image is None:
-                self._verify_if_asked(encrypted, publish)
+            if image is None and self.options.verify_full:
+                self._verify_if_asked(encrypted, None if publisher is None else publisher(path, entry))
         except BaseException:
             encrypted.close()
             raise
         if image is None:
+            if self.options.verify_full and publisher is not None:
+                self._verify_next_shards(path, publisher)
             return PlainView(encrypted, self.cache, self.options.readahead_chunks)
         encrypted.close()  # the image holds every byte: no data key stays in memory
         self._build_next_shard(path)
         return ImageView(image, self.images)
 
-    def _build_next_shard(self, path: str) -> None:
-        """Loaders read a sharded model's files one after another: while one is read, the image of the next
-        is built. Only the image: whoever opens that file is checked then, like any reader."""
+    def _next_shard(self, path: str) -> str | None:
+        """Loaders read a sharded model's files one after another, in the sorted order of its index: the
+        path of the shard read after `path`, if any."""
         directory, _, name = path.rpartition("/")
-        real_dir = os.path.join(self.root, directory.lstrip("/"))
         try:
-            following = next_shard(real_dir, name)
+            following = next_shard(os.path.join(self.root, directory.lstrip("/")), name)
         except OSError:
-            return
-        if following is not None:
-            self.images.build_ahead(lambda: self._build_image(join(directory, following), real_dir))
+            return None
+        return None if following is None else join(directory, following)
 
-    def _build_image(self, path: str, real_dir: str) -> None:
+    def _entry_at(self, path: str) -> Entry:
+        real_dir = os.path.join(self.root, os.path.dirname(path).lstrip("/"))
+        parent = self._entry_of(real_dir, os.stat(real_dir), os.path.dirname(path))
+        return self.child(parent, os.path.basename(path), path)
+
+    def _build_next_shard(self, path: str) -> None:
+        """While one shard is read, the image of the next is built. Only the image: whoever opens that file
+        is checked then, like any reader."""
+        following = self._next_shard(path)
+        if following is not None:
+            self.images.build_ahead(lambda: self._build_image(following))
+
+    def _build_image(self, path: str) -> None:
         try:
-            parent = self._entry_of(real_dir, os.stat(real_dir), os.path.dirname(path))
-            entry = self.child(parent, os.path.basename(path), path)
+            entry = self._entry_at(path)
             if entry.kind is not Kind.ENCRYPTED or self.images.holds(entry.identity):
                 return
             with self._open_encrypted(path, entry) as encrypted:
@@ -272,6 +295,36 @@ class ModelSource:
                 log.debug("%s: image built ahead of its open", path_text(path))
         except (CtfsError, OSError) as exc:  # its own open will fail and say why
             log.debug("%s: no image built ahead: %s", path_text(path), exc)
+
+    def _verify_next_shards(self, path: str, publisher: Publisher) -> None:
+        """With --verify full, while one shard is read the next ones are checked, their plain bytes going
+        where `publisher` says: their opens then find them verified. Only where the kernel already has a
+        shard's node (loaders look every shard up first), so that nothing is decrypted twice. Each open
+        still checks its reader like any other."""
+        following = path
+        for _ in range(VERIFY_AHEAD_SHARDS):
+            following = self._next_shard(following)
+            if following is None:
+                return
+            self._ahead.submit(self._verify_ahead, following, publisher)
+
+    def _verify_ahead(self, path: str, publisher: Publisher) -> None:
+        try:
+            entry = self._entry_at(path)
+            with self._mutex:
+                known = entry.identity in self._verified or entry.identity in self._verifying
+            publish = publisher(path, entry) if entry.kind is Kind.ENCRYPTED and not known else None
+            if publish is None:
+                return
+            with self._open_encrypted(path, entry) as encrypted:
+                encrypted.unwrap_all()
+                self._verify_if_asked(encrypted, publish, wait=False)
+        except (CtfsError, OSError) as exc:  # its own open fails the same way and says so to its reader
+            log.warning("%s: check ahead of its open failed: %s", path_text(path), exc)
+
+    def close(self) -> None:
+        """Stop checking ahead (before the FUSE session that takes the verified pages goes)."""
+        self._ahead.shutdown(wait=True, cancel_futures=True)
 
     def _open_encrypted(self, path: str, entry: Entry) -> EncryptedFile:
         """The version `entry` names, its header signed by a trusted signer and, in a signed model directory,
@@ -302,19 +355,36 @@ class ModelSource:
         if self._first_sight(("format", encrypted.identity)):
             _warn_about_format(path, encrypted)
 
-    def _verify_if_asked(self, encrypted: EncryptedFile, publish: Callable[[int, memoryview], object] | None) -> None:
-        if self.options.verify_full:
+    def _verify_if_asked(self, encrypted: EncryptedFile, publish: Publish | None, *, wait: bool = True) -> None:
+        """With --verify full, check every tag of a version once. Meeting a check of the version under way,
+        an open waits for it (and checks again itself if that one failed); a check ahead leaves it be."""
+        if not self.options.verify_full:
+            return
+        identity = encrypted.identity
+        while True:
             with self._mutex:
-                known = encrypted.identity in self._verified
-            if not known:
-                if publish is None:
-                    encrypted.verify_all()
-                else:
-                    verify_and_publish(encrypted, publish)
-                with self._mutex:
-                    self._verified.add(encrypted.identity)
-                with self._counters.mutex:
-                    self._counters.verified_bytes += encrypted.encrypted_bytes
+                if identity in self._verified:
+                    return
+                running = self._verifying.get(identity)
+                if running is None:
+                    done = self._verifying[identity] = threading.Event()
+                    break
+            if not wait:
+                return
+            running.wait()
+        try:
+            if publish is None:
+                encrypted.verify_all()
+            else:
+                verify_and_publish(encrypted, publish)
+            with self._mutex:
+                self._verified.add(identity)
+            with self._counters.mutex:
+                self._counters.verified_bytes += encrypted.encrypted_bytes
+        finally:
+            with self._mutex:
+                del self._verifying[identity]
+            done.set()
 
     def _first_sight(self, what: object) -> bool:
         with self._mutex:
