@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from conftest import make_keys, seeded_tensors, write_plain
 
-from ctfs.daemon.preflight import describe_unopenable, unopenable_files
+from ctfs.daemon.chunk_cache import ChunkCache
+from ctfs.daemon.preflight import describe_unopenable
+from ctfs.daemon.preflight import unopenable_files as check_source
+from ctfs.daemon.source import ModelSource, SourceOptions
 from ctfs.files.encrypt import EncryptOptions, encrypt_file
 from ctfs.keys.store import KeyStore
 
@@ -21,6 +24,11 @@ def source_dir(tmp_path, count: int):
     write_plain(src / "plain.safetensors", seeded_tensors(1))  # plain files are not the keys' business
     (src / "config.json").write_text("{}")
     return src
+
+
+def unopenable_files(src: str, keys: KeyStore, follow: tuple[str, ...] = ()) -> tuple[dict[str, str], int]:
+    """The check as a mount of `src` runs it: over what that mount serves."""
+    return check_source(ModelSource(src, keys, ChunkCache(1 << 20), SourceOptions(follow=follow)))
 
 
 def test_the_right_keys_open_every_file(tmp_path):
@@ -45,3 +53,17 @@ def test_the_line_names_a_few_files_and_counts_the_rest(tmp_path):
     assert line == ("5 of 5 encrypted file(s) cannot be opened with these keys: "
                     "sub/model-0.safetensors (wrong master key), sub/model-1.safetensors (wrong master key), "
                     "sub/model-2.safetensors (wrong master key) and 2 more")
+
+
+def test_it_checks_what_the_mount_serves_through_symlinked_directories(tmp_path):
+    """A symlinked directory is served as what it points to when that lies in the source or a followed root
+    (a Hugging Face cache's snapshots), so it is checked too; one pointing elsewhere is not served, so not
+    checked; a link back up the tree is walked once."""
+    src = source_dir(tmp_path, 1)
+    elsewhere = source_dir(tmp_path / "elsewhere", 1)
+    (src / "linked").symlink_to(elsewhere / "sub")
+    (src / "sub" / "loop").symlink_to(src)
+    wrong = KeyStore([OTHER.enc, OWNER.sign])
+    assert unopenable_files(str(src), wrong) == ({"sub/model-0.safetensors": "wrong master key"}, 1)
+    assert unopenable_files(str(src), wrong, follow=(str(elsewhere),)) == (
+        {"linked/model-0.safetensors": "wrong master key", "sub/model-0.safetensors": "wrong master key"}, 2)

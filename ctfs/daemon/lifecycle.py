@@ -118,7 +118,7 @@ class Daemon:
 
     def _check_keys_open_the_source(self) -> None:
         """Say now, not at each open, which files these keys cannot open; with `strict`, refuse to start."""
-        problems, encrypted = unopenable_files(self.config.source, self.source.keys)
+        problems, encrypted = unopenable_files(self.source)
         if not problems:
             return
         line = describe_unopenable(problems, encrypted)

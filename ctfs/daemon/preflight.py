@@ -4,34 +4,33 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ctfs.daemon.source import ModelSource
 from ctfs.errors import FormatError, IntegrityError, KeyUnavailable, UntrustedSigner
 from ctfs.files.encrypted import EncryptedFile
-from ctfs.files.modeldir import is_safetensors, walk_files
 from ctfs.keys.store import KeySource
 
 # The line names this many files; the rest are counted.
 NAMED_FILES = 3
 
 
-def unopenable_files(source: str, keys: KeySource) -> tuple[dict[str, str], int]:
-    """({file relative to source: why its keys cannot open it}, number of encrypted files seen).
+def unopenable_files(source: ModelSource) -> tuple[dict[str, str], int]:
+    """({file relative to the source: why its keys cannot open it}, number of encrypted files seen), over
+    the files the mount serves (symlinked directories in allowed roots included).
 
     Each file's header is read and its signature checked against the trusted signers before its master
     key is asked for (a key command only ever sees signed kids), and its data keys are unwrapped; no
-    tensor data is read. Plain and
-    malformed files are not counted: opening them fails for reasons other than keys."""
+    tensor data is read. Files that no longer parse are not counted: opening them fails for reasons other
+    than keys."""
     problems: dict[str, str] = {}
     encrypted = 0
-    for rel in walk_files(Path(source)):
-        if not is_safetensors(Path(source, rel)):
-            continue
+    for path, entry in source.encrypted_files():
         try:
-            problem = _problem(Path(source, rel), keys)
+            problem = _problem(Path(entry.real), source.keys)
         except (FormatError, OSError):
             continue
         encrypted += 1
         if problem:
-            problems[str(rel)] = problem
+            problems[path.lstrip("/")] = problem
     return problems, encrypted
 
 

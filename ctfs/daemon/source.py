@@ -9,7 +9,7 @@ import os
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -169,6 +169,21 @@ class ModelSource:
             if not self.hidden(child_path, entry, reader):
                 found.append((name, entry))
         return found
+
+    def encrypted_files(self) -> Iterator[tuple[str, Entry]]:
+        """Every encrypted file the mount serves, as (its path inside the mount, its entry), symlinked
+        directories included; each directory is walked once, however many links lead to it."""
+        walked: set[str] = set()
+
+        def walk(directory: Entry, path: str) -> Iterator[tuple[str, Entry]]:
+            walked.add(directory.real)
+            for name, entry in self.listing(directory, path, None):
+                if entry.kind is Kind.DIRECTORY and entry.real not in walked:
+                    yield from walk(entry, join(path, name))
+                elif entry.kind is Kind.ENCRYPTED:
+                    yield join(path, name), entry
+
+        yield from walk(self.root_entry(), "/")
 
     def _entry_of(self, real: str, st: os.stat_result, path: str) -> Entry:
         if stat.S_ISDIR(st.st_mode):
