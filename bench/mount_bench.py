@@ -17,7 +17,8 @@ re-reads, model loads and vLLM loads are measured from memory images as well (`-
 - transformers from_pretrained plus one forward pass of the model through a cold mount, against the
   plaintext directory with caches dropped, and with `--verify full`; decrypted / served bytes of the daemon;
 - vLLM's CPU build ("Loading weights took X seconds", vLLM's own timer) through a cold mount against the
-  plaintext directory, for its default safetensors load strategy and `prefetch` (needs `--vllm-python`);
+  plaintext directory, for its default safetensors load strategy and `prefetch` (needs `--vllm-python`),
+  and through the disk null daemon serving the plaintext directory (what any FUSE mount costs vLLM);
 - N processes each reading a different shard at once, N = 1, 2, 4 ... `--readers`: aggregate GB/s through
   ctfs and the null daemon serving memory and disk;
 - context for docs/performance.md: safetensors load_file through the cold mount and the null daemon against
@@ -571,7 +572,8 @@ class Bench:
                 self.runs[f"{name}_decrypted_per_shard_byte"].append(work_done / plain_weights)
 
     def vllm_loads(self) -> None:
-        """Memory images load between the plaintext load and the chunk cache's, as in model_loads."""
+        """Memory images load between the plaintext load and the chunk cache's, as in model_loads. The disk
+        null daemon serving the plaintext directory measures what any FUSE mount costs vLLM here."""
         log("vLLM weight loading: plaintext and cold mount (weight files' pages dropped), default strategy and "
             "prefetch, interleaved")
         logs = self.work / "vllm-logs"
@@ -587,6 +589,10 @@ class Bench:
                         forget_pages(self.data["model_enc"])
                         self.runs[f"vllm_{who}_{strategy}"].append(
                             vllm_weights_seconds(python, self.mnt, strategy, logs))
+                files = sorted(p for p in self.data["model_plain"].iterdir() if p.is_file())
+                with self.mounts.null(self.nmnt, files, "--disk"):
+                    forget_pages(self.data["model_plain"])
+                    self.runs[f"vllm_null_{strategy}"].append(vllm_weights_seconds(python, self.nmnt, strategy, logs))
 
     def reader_counts(self) -> list[int]:
         counts, n = [], 1
@@ -698,6 +704,8 @@ def table(bench: Bench, args: argparse.Namespace, vllm_missing: str) -> list[Row
         else:
             ratio_row(name, f"vllm_ctfs_{strategy}", f"vllm_plain_{strategy}", VLLM_LOAD_MAX, False, "s")
             context_row("same, memory images", f"vllm_images_{strategy}", f"vllm_plain_{strategy}", "s")
+            context_row("same, disk null daemon (any FUSE mount's ceiling)", f"vllm_null_{strategy}",
+                        f"vllm_plain_{strategy}", "s")
     limit = args.cache_size + RSS_ALLOWANCE
     rows.append(Row(f"daemon peak RSS, all mounts (cache {human(args.cache_size)})", human(bench.mounts.peak_rss),
                     human(limit), "", "<= cache + 150 MB", bench.mounts.peak_rss <= limit))
