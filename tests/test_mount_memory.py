@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 
+import numpy as np
 import pytest
 from conftest import flip_file_bit, make_keys, write_plain
 from mounting import (
@@ -202,3 +203,24 @@ def test_while_a_shard_is_read_the_next_one_in_the_index_is_built(tree, tmp_path
         assert read_all(mount.path("other.safetensors")) == tree["plain"]  # in no index: nothing after it
         counters = stats(mount)
     assert counters["images_built"] == 4 and counters["images"] == 4
+
+
+def test_an_unmount_while_the_next_shard_is_built_ends_the_daemon_cleanly(tree, tmp_path):
+    """The image built ahead of its open registers with the FUSE session: an unmount during that build must
+    stop it before the session goes, not crash the daemon on its way out."""
+    keys = make_keys()
+    src = tmp_path / "src"
+    src.mkdir()
+    big = write_plain(tmp_path / "big.safetensors", {"w": np.zeros(64 * 2**20, dtype=np.float32)})  # 256 MiB
+    encrypt_file(big, src / "model-2.safetensors", keys.enc, keys.sign, EncryptOptions("2"))
+    small = write_plain(tmp_path / "small.safetensors", served_tensors())
+    encrypt_file(small, src / "model-1.safetensors", keys.enc, keys.sign, EncryptOptions("2", SERVED_CHUNK_SIZE))
+    weight_map = {"w1": "model-1.safetensors", "w2": "model-2.safetensors"}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    key_file = write_key_file(tmp_path / "keys.jwk", keys)
+    with mounted(src, tmp_path / "mnt", "--keys", str(key_file), *IMAGES) as mount:
+        require_passthrough(mount)
+        assert len(read_all(mount.path("model-1.safetensors"))) > 0  # model-2's image is built from now on
+        result = ctfs("umount", str(mount.mountpoint))
+        assert result.returncode == 0, result.stderr
+        assert wait_until(lambda: f"unmounted {mount.mountpoint}" in mount.log()), mount.log()

@@ -118,7 +118,7 @@ class Operations:
 
     def destroy(self, userdata: int) -> None:
         self._openers.shutdown(wait=True, cancel_futures=True)
-        self.source.close()  # its checks ahead store pages through the session, which goes next
+        self.source.close()  # its work ahead of opens uses the session, which goes next
         with self._mutex:
             files, self._files = list(self._files.values()), {}
         for version, _ in files:

@@ -155,8 +155,12 @@ class ImageStore:
             for identity in [i for i, image in self._images.items() if not image.users]:
                 self._drop(identity)
 
-    def close(self) -> None:
+    def stop_building(self) -> None:
+        """Let the build under way finish and start no other: builds register with the FUSE session."""
         self._ahead.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        self.stop_building()
         with self._mutex:
             for image in self._images.values():
                 os.close(image.fd)

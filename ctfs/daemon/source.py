@@ -338,8 +338,10 @@ class ModelSource:
             log.warning("%s: check ahead of its open failed: %s", path_text(path), exc)
 
     def close(self) -> None:
-        """Stop checking ahead (before the FUSE session that takes the verified pages goes)."""
+        """Stop the work done ahead of opens (checks, image builds) before the FUSE session it uses goes."""
         self._ahead.shutdown(wait=True, cancel_futures=True)
+        if self.images is not None:
+            self.images.stop_building()
 
     def _open_encrypted(self, path: str, entry: Entry) -> EncryptedFile:
         """The version `entry` names, its header signed by a trusted signer and, in a signed model directory,
