@@ -27,7 +27,7 @@ from ctfs.errors import AccessDenied, CtfsError, FormatError, StaleVersion
 from ctfs.files.atomic import TEMP_SUFFIX
 from ctfs.files.encrypted import EncryptedFile
 from ctfs.files.fileio import FileIdentity, read_header
-from ctfs.files.modeldir import SAFETENSORS_SUFFIX, next_shard
+from ctfs.files.modeldir import SAFETENSORS_SUFFIX, next_shards
 from ctfs.format.encryption import parse_crypto_header
 from ctfs.format.header import HEADER_PREFIX_SIZE, looks_like_safetensors
 from ctfs.format.view import PlainView as PlainLayout
@@ -263,7 +263,7 @@ class ModelSource:
             self._admit(path, encrypted, reader)
             image = None if chunks_only or self.images is None else self.images.acquire(encrypted)
             if image is None and self.options.verify_full:
-                self._verify_if_asked(encrypted, None if publisher is None else publisher(path, entry))
+                self._verify(encrypted, None if publisher is None else publisher(path, entry))
         except BaseException:
             encrypted.close()
             raise
@@ -275,15 +275,15 @@ class ModelSource:
         self._build_next_shard(path)
         return ImageView(image, self.images)
 
-    def _next_shard(self, path: str) -> str | None:
+    def _next_shards(self, path: str, count: int) -> list[str]:
         """Loaders read a sharded model's files one after another, in the sorted order of its index: the
-        path of the shard read after `path`, if any."""
+        paths of the (up to `count`) shards read after `path`."""
         directory, _, name = path.rpartition("/")
         try:
-            following = next_shard(os.path.join(self.root, directory.lstrip("/")), name)
+            following = next_shards(os.path.join(self.root, directory.lstrip("/")), name, count)
         except OSError:
-            return None
-        return None if following is None else join(directory, following)
+            return []
+        return [join(directory, shard) for shard in following]
 
     def _entry_at(self, path: str) -> Entry:
         real_dir = os.path.join(self.root, os.path.dirname(path).lstrip("/"))
@@ -293,9 +293,8 @@ class ModelSource:
     def _build_next_shard(self, path: str) -> None:
         """While one shard is read, the image of the next is built. Only the image: whoever opens that file
         is checked then, like any reader."""
-        following = self._next_shard(path)
-        if following is not None:
-            self.images.build_ahead(lambda: self._build_image(following))
+        for following in self._next_shards(path, 1):
+            self.images.build_ahead(lambda shard=following: self._build_image(shard))
 
     def _build_image(self, path: str) -> None:
         try:
@@ -316,11 +315,7 @@ class ModelSource:
         where `publisher` says: their opens then find them verified. Only where the kernel already has a
         shard's node (loaders look every shard up first), so that nothing is decrypted twice. Each open
         still checks its reader like any other."""
-        following = path
-        for _ in range(VERIFY_AHEAD_SHARDS):
-            following = self._next_shard(following)
-            if following is None:
-                return
+        for following in self._next_shards(path, VERIFY_AHEAD_SHARDS):
             self._ahead.submit(self._verify_ahead, following, publisher)
 
     def _verify_ahead(self, path: str, publisher: Publisher) -> None:
@@ -333,7 +328,7 @@ class ModelSource:
                 return
             with self._open_encrypted(path, entry) as encrypted:
                 encrypted.unwrap_all()
-                self._verify_if_asked(encrypted, publish, wait=False)
+                self._verify(encrypted, publish, wait=False)
         except (CtfsError, OSError) as exc:  # its own open fails the same way and says so to its reader
             log.warning("%s: check ahead of its open failed: %s", path_text(path), exc)
 
@@ -372,11 +367,9 @@ class ModelSource:
         if self._first_sight(("format", encrypted.identity)):
             _warn_about_format(path, encrypted)
 
-    def _verify_if_asked(self, encrypted: EncryptedFile, publish: Publish | None, *, wait: bool = True) -> None:
-        """With --verify full, check every tag of a version once. Meeting a check of the version under way,
+    def _verify(self, encrypted: EncryptedFile, publish: Publish | None, *, wait: bool = True) -> None:
+        """Check every tag of a version once (--verify full). Meeting a check of the version under way,
         an open waits for it (and checks again itself if that one failed); a check ahead leaves it be."""
-        if not self.options.verify_full:
-            return
         identity = encrypted.identity
         while True:
             with self._mutex:

@@ -38,9 +38,10 @@ def is_safetensors(path: Path) -> bool:
         return looks_like_safetensors(f.read(HEADER_PREFIX_SIZE + 1), os.fstat(f.fileno()).st_size)
 
 
-def next_shard(directory: str, name: str) -> str | None:
-    """The shard a loader reads after shard `name` of `directory`: transformers and vLLM read the files an
-    index maps weights to in sorted order. None when no index there lists `name`, or it is the last."""
+def next_shards(directory: str, name: str, count: int) -> list[str]:
+    """The (up to `count`) shards a loader reads after shard `name` of `directory`: transformers and vLLM read
+    the files an index maps weights to in sorted order. Empty when no index there lists `name`, or it is the
+    last."""
     for entry in sorted(os.listdir(directory)):
         if not entry.endswith(INDEX_SUFFIX):
             continue
@@ -52,8 +53,8 @@ def next_shard(directory: str, name: str) -> str | None:
             continue  # not an index a loader could use either
         if name in shards:
             position = shards.index(name) + 1
-            return shards[position] if position < len(shards) else None
-    return None
+            return shards[position:position + count]
+    return []
 
 
 def walk_files(root: Path) -> Iterator[Path]:
