@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import flip_file_bit, make_keys, seeded_tensors, write_plain
 from hypothesis import given, settings
@@ -147,6 +148,37 @@ def test_verify_full_decrypts_each_chunk_once_for_the_check_and_the_readers(serv
     encrypted_bytes = sum(t.nbytes for t in served_tensors().values())
     assert stats["verified_bytes"] == encrypted_bytes  # one pass, the check's ...
     assert stats["decrypted_bytes"] == 0  # ... and the reads were served from what it verified
+
+
+def test_verify_full_checks_a_large_file_in_ranges_at_once_and_serves_exactly_what_they_checked(tmp_path):
+    """A file of several check ranges (VERIFY_PART_MIN each) is checked by as many threads; every page they
+    store is the file's true byte, and a tampered chunk in any range fails the open."""
+    keys = make_keys()
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    tensors = {"embed": rng.standard_normal(7_000_001).astype(np.float32),
+               "head": rng.standard_normal(3_000_007).astype(np.float32)}  # 40 MB: two ranges or more
+    plain = write_plain(tmp_path / "plain.safetensors", tensors)
+    for name in ("good.safetensors", "bad.safetensors"):
+        encrypt_file(plain, src / name, keys.enc, keys.sign, EncryptOptions("2", 1_000_003))
+    bad_size = (src / "bad.safetensors").stat().st_size
+    flip_file_bit(src / "bad.safetensors", bad_size - 1_000)  # in the last range
+    decrypt_file(src / "good.safetensors", tmp_path / "view", keys.store)
+    view = (tmp_path / "view").read_bytes()
+    key_file = write_key_file(tmp_path / "keys.jwk", keys)
+    with mounted(src, tmp_path / "mnt", "--keys", str(key_file), "--verify", "full") as mount:
+        assert call_with_timeout(mount.path("good.safetensors").read_bytes) == view
+        with pytest.raises(OSError) as refused:
+            call_with_timeout(mount.path("bad.safetensors").read_bytes)
+        stats = json.loads(os.getxattr(mount.mountpoint, "user.ctfs.stats"))
+        log = mount.log()
+    assert refused.value.errno == errno.EIO
+    assert "open /bad.safetensors refused (EIO)" in log and "authentication tag mismatch" in log
+    encrypted_bytes = sum(t.nbytes for t in tensors.values())
+    assert stats["decrypted_bytes"] == 0  # every page the reader got was stored by a range's check
+    # The good file, checked once; a chunk straddling two ranges is decrypted by both.
+    assert encrypted_bytes < stats["verified_bytes"] <= encrypted_bytes + 3 * 1_000_003
 
 
 def test_verify_full_checks_the_next_shards_of_an_index_while_one_is_read(tmp_path):

@@ -1,4 +1,5 @@
-"""--verify full below the FUSE layer: a shard's check ahead of its open and the open meeting it."""
+"""--verify full below the FUSE layer: one file checked in several ranges at once, a shard's check ahead of its
+open and the open meeting it."""
 
 from __future__ import annotations
 
@@ -6,12 +7,18 @@ import json
 import threading
 from collections import defaultdict
 
-from conftest import write_plain
+import numpy as np
+import pytest
+from conftest import flip_file_bit, write_plain
 from mounting import SERVED_CHUNK_SIZE, served_tensors
 
+from ctfs.daemon import served
 from ctfs.daemon.chunk_cache import ChunkCache
 from ctfs.daemon.source import ModelSource, SourceOptions
+from ctfs.errors import CtfsError
+from ctfs.files.decrypt import decrypt_file
 from ctfs.files.encrypt import EncryptOptions, encrypt_file
+from ctfs.files.encrypted import EncryptedFile
 
 NAMES = ["model-1.safetensors", "model-2.safetensors"]
 WAIT = 30  # seconds: only a broken run waits this long
@@ -55,3 +62,79 @@ def test_an_open_meeting_the_check_ahead_of_its_shard_waits_for_it_and_checks_no
     encrypted_bytes = sum(t.nbytes for t in served_tensors().values())
     assert source.stats()["verified_bytes"] == 2 * encrypted_bytes  # each shard checked once
     assert stored == {f"/{name}": entries[name].size for name in NAMES}  # and published once
+
+
+def _checked_in_parts(path, keys, parts):
+    """verify_and_publish of `path` in `parts` ranges, each run by its own thread: what it published, per
+    range, and the bytes it decrypted."""
+    published: list[tuple[int, bytes]] = []
+    mutex = threading.Lock()
+    ranges: list[int] = []
+
+    def publish(offset, data):
+        with mutex:
+            published.append((offset, bytes(data)))
+
+    def run_all(jobs):
+        ranges.append(len(jobs))
+        results, failures = [None] * len(jobs), []
+
+        def run(i):
+            try:
+                results[i] = jobs[i]()
+            except CtfsError as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        if failures:
+            raise failures[0]
+        return results
+
+    with EncryptedFile(path, keys.store) as encrypted:
+        return published, ranges, served.verify_and_publish(encrypted, publish, run_all, parts), encrypted.view.size
+
+
+@pytest.fixture
+def large_file(tmp_path, keys, monkeypatch):
+    """A v2 file of ~200 KB in chunks of an odd size, and ranges of at least 32 KiB: chunks straddle both
+    pages and ranges."""
+    monkeypatch.setattr(served, "VERIFY_PART_MIN", 32 * 1024)
+    rng = np.random.default_rng(7)
+    tensors = {"a": rng.standard_normal(30_001).astype(np.float32), "b": rng.standard_normal(19_999).astype(np.float32)}
+    plain = write_plain(tmp_path / "plain.safetensors", tensors)
+    path = tmp_path / "model.safetensors"
+    encrypt_file(plain, path, keys.enc, keys.sign, EncryptOptions("2", SERVED_CHUNK_SIZE))
+    decrypt_file(path, tmp_path / "view", keys.store)
+    return path, (tmp_path / "view").read_bytes(), sum(t.nbytes for t in tensors.values())
+
+
+def test_a_file_checked_in_several_ranges_publishes_every_page_once_and_exactly(large_file, keys):
+    path, view, encrypted_bytes = large_file
+    published, ranges, decrypted, size = _checked_in_parts(path, keys, 4)
+    assert ranges == [4]
+    published.sort()
+    page = served._PageStream.PAGE
+    assert all(offset % page == 0 and (len(data) % page == 0 or offset + len(data) == size)
+               for offset, data in published)  # only whole pages, but the file's last one
+    assert b"".join(data for _, data in published) == view  # every byte once, in order, none missing
+    # Each straddling chunk is decrypted by both its ranges, no other twice.
+    assert encrypted_bytes <= decrypted <= encrypted_bytes + 3 * SERVED_CHUNK_SIZE
+
+
+def test_a_tampered_chunk_in_one_range_fails_the_check_and_is_never_published(large_file, keys):
+    path, view, _ = large_file
+    flip_file_bit(path, path.stat().st_size - 5_000)  # in the last range's data
+    with pytest.raises(CtfsError, match="authentication tag mismatch"):
+        _checked_in_parts(path, keys, 4)
+    published = []
+    with EncryptedFile(path, keys.store) as encrypted:
+        # What the other ranges published is the file's true bytes; the bad chunk's pages are not among them.
+        with pytest.raises(CtfsError):
+            served.verify_and_publish(encrypted, lambda offset, data: published.append((offset, bytes(data))),
+                                      lambda jobs: [job() for job in jobs], 4)
+    assert published and all(data == view[offset:offset + len(data)] for offset, data in published)
+    assert max(offset + len(data) for offset, data in published) <= len(view) - 5_000

@@ -3,6 +3,7 @@ shared chunk cache or held whole in a memory image (encrypted files), or read as
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from ctfs.format.view import ChunkPiece, HeaderPiece
 
 # v1 tensors have no chunk size; read-ahead looks this far for the next ones.
 READAHEAD_V1_SPAN = 4 * 1024 * 1024
+# --verify full checks a file in ranges of at least this much, several at once.
+VERIFY_PART_MIN = 16 * 1024 * 1024
 
 
 class Segments:
@@ -110,16 +113,33 @@ def _pread(fd: int, offset: int, size: int) -> Segments:
     return Segments([memoryview(buf)[:count]])
 
 
-def verify_and_publish(encrypted: EncryptedFile, publish: Callable[[int, memoryview], object]) -> None:
-    """Authenticate every tag of the file while handing its plain bytes, in order and in whole pages, to
+def verify_and_publish(encrypted: EncryptedFile, publish: Callable[[int, memoryview], object],
+                       run_all: Callable[[list[Callable[[], int]]], list[int]], parts: int) -> int:
+    """Authenticate every tag of the file while handing its plain bytes, in whole pages, to
     `publish(offset, bytes)`: --verify full then decrypts each chunk once, for the check and for the reader.
-    A chunk's bytes are published only once its tag has verified."""
+    A chunk's bytes are published only once its tag has verified. The file is checked in up to `parts`
+    page-aligned ranges that `run_all` runs at once: one stream of reads and one core would leave both the
+    disk and the other cores idle. A chunk that straddles two ranges is decrypted by both. Returns the bytes
+    decrypted."""
     encrypted.verify_empty_tensors()
-    pages = _PageStream(publish)
+    size = encrypted.view.size
+    if any(cipher.chunk_size is None for cipher in encrypted.crypto.ciphers.values()):
+        parts = 1  # a v1 tensor is one message: split, it would be decrypted whole by each range it spans
+    parts = max(1, min(parts, size // VERIFY_PART_MIN))
+    bounds = [0, *(size * i // parts // _PageStream.PAGE * _PageStream.PAGE for i in range(1, parts)), size]
+    return sum(run_all([functools.partial(_verify_range, encrypted, publish, start, end)
+                        for start, end in zip(bounds, bounds[1:]) if end > start]))
+
+
+def _verify_range(encrypted: EncryptedFile, publish: Callable[[int, memoryview], object], start: int,
+                  end: int) -> int:
+    pages = _PageStream(publish, start)
     scratch = memoryview(bytearray())
-    for piece in encrypted.view.pieces(0, encrypted.view.size):
+    decrypted = 0
+    for piece in encrypted.view.pieces(start, end - start):
         if isinstance(piece, ChunkPiece):
             size = encrypted.chunk_size(piece.tensor, piece.index)
+            decrypted += size
             room = pages.room(size) if piece.skip == 0 and piece.length == size else None
             if room is not None:  # straight into the pages to publish: one copy fewer
                 encrypted.decrypt_chunk_into(piece.tensor, piece.index, room)
@@ -134,6 +154,7 @@ def verify_and_publish(encrypted: EncryptedFile, publish: Callable[[int, memoryv
         else:
             pages.write(memoryview(encrypted.read_stored(piece.data_offset, piece.length)))
     pages.flush(final=True)
+    return decrypted
 
 
 class _PageStream:
@@ -143,11 +164,11 @@ class _PageStream:
     BLOCK = 4 * 1024 * 1024
     PAGE = 4096
 
-    def __init__(self, publish: Callable[[int, memoryview], object]):
+    def __init__(self, publish: Callable[[int, memoryview], object], offset: int):
         self._publish = publish
         self._buffer = memoryview(bytearray(self.BLOCK + self.PAGE))
         self._filled = 0
-        self._offset = 0  # file offset of the buffer's first byte
+        self._offset = offset  # file offset of the buffer's first byte: a page boundary
 
     def room(self, size: int) -> memoryview | None:
         """The next `size` bytes of the buffer, to fill and then pass to `wrote`; None if they do not fit."""

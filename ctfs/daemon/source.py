@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 FACTS_CACHE_ENTRIES = 4096
 # With --verify full, the shards after an opened one that are checked ahead, two at a time.
 VERIFY_AHEAD_SHARDS = 2
+# With --verify full, one file is checked in this many ranges at once: a single stream of reads left the
+# disk and the second core idle here (see docs/performance.md).
+VERIFY_PARTS = max(2, min(4, os.cpu_count() or 1))
 
 
 class Kind(enum.Enum):
@@ -117,6 +120,7 @@ class ModelSource:
         self._verified: set[FileIdentity] = set()
         self._verifying: dict[FileIdentity, threading.Event] = {}  # one check of a version at a time
         self._ahead = ThreadPoolExecutor(VERIFY_AHEAD_SHARDS, thread_name_prefix="ctfs-verify-ahead")
+        self._parts = ThreadPoolExecutor(VERIFY_PARTS - 1, thread_name_prefix="ctfs-verify")
         self._said: set[object] = set()  # warnings and refusals are logged once per file version or link
         self._mutex = threading.Lock()
         self._counters = _Counters()
@@ -335,6 +339,7 @@ class ModelSource:
     def close(self) -> None:
         """Stop the work done ahead of opens (checks, image builds) before the FUSE session it uses goes."""
         self._ahead.shutdown(wait=True, cancel_futures=True)
+        self._parts.shutdown(wait=True, cancel_futures=True)
         if self.images is not None:
             self.images.stop_building()
 
@@ -385,16 +390,31 @@ class ModelSource:
         try:
             if publish is None:
                 encrypted.verify_all()
+                decrypted = encrypted.encrypted_bytes
             else:
-                verify_and_publish(encrypted, publish)
+                decrypted = verify_and_publish(encrypted, publish, self._run_all, VERIFY_PARTS)
             with self._mutex:
                 self._verified.add(identity)
             with self._counters.mutex:
-                self._counters.verified_bytes += encrypted.encrypted_bytes
+                self._counters.verified_bytes += decrypted
         finally:
             with self._mutex:
                 del self._verifying[identity]
             done.set()
+
+    def _run_all(self, jobs: list[Callable[[], int]]) -> list[int]:
+        """Run `jobs` at once, the first in this thread; return their results once all have ended, or raise
+        the first failure then: none may still use the file when its open fails and closes it."""
+        others = [self._parts.submit(job) for job in jobs[1:]]
+        results, failures = [], []
+        for run in (*jobs[:1], *(future.result for future in others)):
+            try:
+                results.append(run())
+            except BaseException as exc:  # raised below, once every job has ended
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+        return results
 
     def _first_sight(self, what: object) -> bool:
         with self._mutex:
