@@ -317,7 +317,7 @@ class ModelSource:
     def _verify_next_shards(self, path: str, publisher: Publisher) -> None:
         """With --verify full, while one shard is read the next ones are checked, their plain bytes going
         where `publisher` says: their opens then find them verified. Only where the kernel already has a
-        shard's node (loaders look every shard up first), so that nothing is decrypted twice. Each open
+        shard's node (vLLM looks every shard up first), so that nothing is decrypted twice. Each open
         still checks its reader like any other."""
         for following in self._next_shards(path, VERIFY_AHEAD_SHARDS):
             self._ahead.submit(self._verify_ahead, following, publisher)
