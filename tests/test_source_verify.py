@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -138,3 +139,47 @@ def test_a_tampered_chunk_in_one_range_fails_the_check_and_is_never_published(la
                                       lambda jobs: [job() for job in jobs], 4)
     assert published and all(data == view[offset:offset + len(data)] for offset, data in published)
     assert max(offset + len(data) for offset, data in published) <= len(view) - 5_000
+
+
+def test_lookups_check_ahead_only_as_much_as_the_budget_holds_until_opens_or_forgets_free_it(tmp_path, keys):
+    src = tmp_path / "src"
+    src.mkdir()
+    plain = write_plain(tmp_path / "plain.safetensors", served_tensors())
+    names = ["a.safetensors", "b.safetensors", "c.safetensors"]
+    for name in names:
+        encrypt_file(plain, src / name, keys.enc, keys.sign, EncryptOptions("2", SERVED_CHUNK_SIZE))
+    source = ModelSource(src, keys.store, ChunkCache(1 << 20), SourceOptions(verify_full=True))
+    entries = {name: source.child(source.root_entry(), name, f"/{name}") for name in names}
+    source.lookup_ahead_budget = entries["a.safetensors"].size  # room for one file's pages
+    stored: defaultdict[str, int] = defaultdict(int)
+    mutex = threading.Lock()
+
+    def publisher(path, entry):
+        def publish(offset, data):
+            with mutex:
+                stored[path] += len(data)
+        return publish
+
+    def checked() -> set[str]:
+        with mutex:
+            done = {path.lstrip("/") for path, count in stored.items() if count == entries[path.lstrip("/")].size}
+        return done
+
+    def settle(expected: set[str]) -> None:
+        deadline = time.monotonic() + WAIT
+        while checked() != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # and nothing more is on its way
+        assert checked() == expected
+
+    for name in names:
+        source.looked_up(f"/{name}", entries[name], publisher)
+    settle({"a.safetensors"})  # b and c do not fit while a waits for its open
+    source.open("/a.safetensors", entries["a.safetensors"], None, publisher).let_go()
+    source.looked_up("/b.safetensors", entries["b.safetensors"], publisher)
+    settle({"a.safetensors", "b.safetensors"})  # a's open freed the room
+    source.forgotten(entries["b.safetensors"])  # its node, and its pages, gone unopened
+    source.looked_up("/c.safetensors", entries["c.safetensors"], publisher)
+    settle(set(names))
+    source.close()
+    assert source.stats()["verified_bytes"] == 3 * sum(t.nbytes for t in served_tensors().values())

@@ -138,6 +138,8 @@ class Operations:
         _fill_stat(param.attr, node.ino, entry)
         if ll.libfuse.fuse_reply_entry(req, ctypes.byref(param)) != 0:
             self.nodes.forget(node.ino, 1)  # the kernel never got it (the request was interrupted)
+        else:
+            self.source.looked_up(path, entry, self._publisher)
 
     def forget(self, req: int, ino: int, count: int) -> None:
         self._forget(ino, count)
@@ -149,9 +151,11 @@ class Operations:
         ll.libfuse.fuse_reply_none(req)
 
     def _forget(self, ino: int, count: int) -> None:
-        if self.nodes.forget(ino, count):
+        node = self.nodes.forget(ino, count)
+        if node is not None:
             with self._mutex:
                 self._io.pop(ino, None)
+            self.source.forgotten(node.entry)  # and with the node, its page cache
 
     @_replying
     def getattr(self, req: int, ino: int, fi) -> None:

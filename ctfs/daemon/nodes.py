@@ -57,18 +57,18 @@ class NodeTable:
             ino = self._by_key.get(Node(0, path, entry).key)
             return None if ino is None else self._nodes[ino]
 
-    def forget(self, ino: int, count: int) -> bool:
-        """Count down the kernel's lookups of `ino`; True when that was the last and the node is gone."""
+    def forget(self, ino: int, count: int) -> Node | None:
+        """Count down the kernel's lookups of `ino`; the node when that was the last and it is gone."""
         with self._mutex:
             node = self._nodes.get(ino)
             if node is None or ino == ROOT_INO:
-                return False
+                return None
             node.lookups -= count
             if node.lookups <= 0:
                 del self._nodes[ino]
                 del self._by_key[node.key]
-                return True
-            return False
+                return node
+            return None
 
     def __len__(self) -> int:
         with self._mutex:

@@ -23,7 +23,7 @@ from ctfs.daemon.served import (
     PlainView,
     verify_and_publish,
 )
-from ctfs.errors import AccessDenied, CtfsError, FormatError, StaleVersion
+from ctfs.errors import AccessDenied, CtfsError, FormatError, IntegrityError, StaleVersion
 from ctfs.files.atomic import TEMP_SUFFIX
 from ctfs.files.encrypted import EncryptedFile
 from ctfs.files.fileio import FileIdentity, read_header
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 FACTS_CACHE_ENTRIES = 4096
 # With --verify full, the shards after an opened one that are checked ahead, two at a time.
 VERIFY_AHEAD_SHARDS = 2
+# With --verify full, files checked ahead because the kernel looked them up, not yet opened, hold at most
+# this share of the memory in the page cache.
+LOOKUP_AHEAD_SHARE = 4
 # With --verify full, one file is checked in this many ranges at once: a single stream of reads left the
 # disk and the second core idle here (see docs/performance.md).
 VERIFY_PARTS = max(2, min(4, os.cpu_count() or 1))
@@ -119,6 +122,9 @@ class ModelSource:
         self._facts: OrderedDict[tuple[FileIdentity, bool], dict] = OrderedDict()
         self._verified: set[FileIdentity] = set()
         self._verifying: dict[FileIdentity, threading.Event] = {}  # one check of a version at a time
+        self._failed: dict[FileIdentity, str] = {}  # versions whose check found a bad tag: why
+        self._looked_up_ahead: dict[FileIdentity, int] = {}  # checked on lookup, not opened yet: their sizes
+        self.lookup_ahead_budget = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // LOOKUP_AHEAD_SHARE
         self._ahead = ThreadPoolExecutor(VERIFY_AHEAD_SHARDS, thread_name_prefix="ctfs-verify-ahead")
         self._parts = ThreadPoolExecutor(VERIFY_PARTS - 1, thread_name_prefix="ctfs-verify")
         self._said: set[object] = set()  # warnings and refusals are logged once per file version or link
@@ -131,6 +137,8 @@ class ModelSource:
         with self._mutex:
             self.keys, self.gate = keys, gate
             self._verified.clear()
+            self._failed.clear()
+            self._looked_up_ahead.clear()
         if self.images is not None:
             self.images.drop_unused()
 
@@ -263,6 +271,8 @@ class ModelSource:
                 raise
             return PassthroughFile(fd, entry.identity)
         encrypted = self._open_encrypted(path, entry)
+        with self._mutex:
+            self._looked_up_ahead.pop(entry.identity, None)
         try:
             self._admit(path, encrypted, reader)
             image = None if chunks_only or self.images is None else self.images.acquire(encrypted)
@@ -314,6 +324,28 @@ class ModelSource:
         except (CtfsError, OSError) as exc:  # its own open will fail and say why
             log.debug("%s: no image built ahead: %s", path_text(path), exc)
 
+    def looked_up(self, path: str, entry: Entry, publisher: Publisher) -> None:
+        """With --verify full, a file the kernel has just looked up is checked ahead of its open, into that
+        node's page cache. Loaders look a model's files up before they read them (vLLM looks every shard up,
+        then builds its engine for seconds), so the checks overlap their work and the opens find them done.
+        Files so checked and not yet opened hold at most `lookup_ahead_budget` bytes of pages: past that a
+        lookup checks nothing, and the open checks its file."""
+        if not self.options.verify_full or self.images is not None or entry.kind is not Kind.ENCRYPTED:
+            return
+        identity = entry.identity
+        with self._mutex:
+            if identity in self._verified or identity in self._verifying or identity in self._looked_up_ahead:
+                return
+            if sum(self._looked_up_ahead.values()) + entry.size > self.lookup_ahead_budget:
+                return
+            self._looked_up_ahead[identity] = entry.size
+        self._ahead.submit(self._verify_ahead, path, publisher)
+
+    def forgotten(self, entry: Entry) -> None:
+        """The kernel dropped the node of `entry`, and with it the pages a check ahead stored there."""
+        with self._mutex:
+            self._looked_up_ahead.pop(entry.identity, None)
+
     def _verify_next_shards(self, path: str, publisher: Publisher) -> None:
         """With --verify full, while one shard is read the next ones are checked, their plain bytes going
         where `publisher` says: their opens then find them verified. Only where the kernel already has a
@@ -333,8 +365,8 @@ class ModelSource:
             with self._open_encrypted(path, entry) as encrypted:
                 encrypted.unwrap_all()
                 self._verify(encrypted, publish, wait=False)
-        except (CtfsError, OSError) as exc:  # its own open fails the same way and says so to its reader
-            log.warning("%s: check ahead of its open failed: %s", path_text(path), exc)
+        except (CtfsError, OSError) as exc:  # its open fails the same way, and logs it then
+            log.debug("%s: check ahead of its open failed: %s", path_text(path), exc)
 
     def close(self) -> None:
         """Stop the work done ahead of opens (checks, image builds) before the FUSE session it uses goes."""
@@ -374,12 +406,17 @@ class ModelSource:
 
     def _verify(self, encrypted: EncryptedFile, publish: Publish | None, *, wait: bool = True) -> None:
         """Check every tag of a version once (--verify full). Meeting a check of the version under way,
-        an open waits for it (and checks again itself if that one failed); a check ahead leaves it be."""
+        an open waits for it (and checks again itself if that one failed, unless on a bad tag, which the
+        version keeps); a check ahead leaves it be."""
         identity = encrypted.identity
         while True:
             with self._mutex:
                 if identity in self._verified:
                     return
+                if identity in self._failed:
+                    if not wait:
+                        return
+                    raise IntegrityError(self._failed[identity])
                 running = self._verifying.get(identity)
                 if running is None:
                     done = self._verifying[identity] = threading.Event()
@@ -397,6 +434,10 @@ class ModelSource:
                 self._verified.add(identity)
             with self._counters.mutex:
                 self._counters.verified_bytes += decrypted
+        except IntegrityError as exc:
+            with self._mutex:
+                self._failed[identity] = str(exc)
+            raise
         finally:
             with self._mutex:
                 del self._verifying[identity]
