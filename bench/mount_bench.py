@@ -18,7 +18,8 @@ re-reads, model loads and vLLM loads are measured from memory images as well (`-
   plaintext directory with caches dropped, and with `--verify full`; decrypted / served bytes of the daemon;
 - vLLM's CPU build ("Loading weights took X seconds", vLLM's own timer) through a cold mount against the
   plaintext directory, for its default safetensors load strategy and `prefetch` (needs `--vllm-python`),
-  and through the disk null daemon serving the plaintext directory (what any FUSE mount costs vLLM);
+  and through the disk null daemon serving the plaintext directory (what any FUSE mount costs vLLM); the
+  default strategy also with `--verify full`, and each engine's whole start beside its weights timer;
 - N processes each reading a different shard at once, N = 1, 2, 4 ... `--readers`: aggregate GB/s through
   ctfs and the null daemon serving memory and disk;
 - context for docs/performance.md: safetensors load_file through the cold mount and the null daemon against
@@ -78,7 +79,7 @@ VLLM_STRATEGIES = ("default", "prefetch")
 # the kernel (FUSE passthrough, with a memory budget). Targets apply to the default; the images' figures print
 # beside them.
 IMAGES = ("--memory-budget", "4G")
-MODES = {"ctfs": (), "images": IMAGES}
+MODES = {"ctfs": (), "images": IMAGES, "full": ("--verify", "full")}
 VLLM_WEIGHTS_LINE = re.compile(r"Loading weights took ([0-9.]+) seconds")
 # Child processes read models offline and quietly; nothing is ever downloaded.
 QUIET_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -271,16 +272,18 @@ def load_model_seconds(model: Path, warmup: Path) -> float:
     return json.loads(out.strip().splitlines()[-1])["seconds"]
 
 
-def vllm_weights_seconds(vllm_python: Path, model: Path, strategy: str, logs: Path) -> float:
-    """vLLM's own "Loading weights took X seconds" for one engine start (bench/vllm_load.py) on `model`."""
+def vllm_weights_seconds(vllm_python: Path, model: Path, strategy: str, logs: Path) -> tuple[float, float]:
+    """vLLM's own "Loading weights took X seconds" for one engine start (bench/vllm_load.py) on `model`, and
+    the seconds the whole start took (process start to exit)."""
     env = {k: v for k, v in child_env().items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    start = time.perf_counter()
     done = subprocess.run([str(vllm_python), str(BENCH / "vllm_load.py"), str(model), strategy],
                           capture_output=True, text=True, env=env, cwd=logs, check=False, start_new_session=True)
     found = VLLM_WEIGHTS_LINE.findall(done.stdout + done.stderr)
     if done.returncode != 0 or not found:
         (logs / "vllm-failed.log").write_text(done.stdout + done.stderr)
         raise RuntimeError(f"vLLM did not load {model} (exit {done.returncode}); its log: {logs}/vllm-failed.log")
-    return float(found[-1])
+    return float(found[-1]), time.perf_counter() - start
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -573,26 +576,32 @@ class Bench:
 
     def vllm_loads(self) -> None:
         """Memory images load between the plaintext load and the chunk cache's, as in model_loads. The disk
-        null daemon serving the plaintext directory measures what any FUSE mount costs vLLM here."""
+        null daemon serving the plaintext directory measures what any FUSE mount costs vLLM here. With
+        --verify full (default strategy) the checks start at vLLM's lookups, before its weights timer: the
+        engine's whole start, timed too, shows whether they only moved out of that timer."""
         log("vLLM weight loading: plaintext and cold mount (weight files' pages dropped), default strategy and "
             "prefetch, interleaved")
         logs = self.work / "vllm-logs"
         logs.mkdir(exist_ok=True)
         python = self.args.vllm_python
+
+        def record(name: str, model: Path, strategy: str) -> None:
+            weights, start = vllm_weights_seconds(python, model, strategy, logs)
+            self.runs[name].append(weights)
+            self.runs[f"{name}_start"].append(start)
+
         for _ in range(self.args.repeat):
             for strategy in VLLM_STRATEGIES:
                 forget_pages(self.data["model_plain"])
-                self.runs[f"vllm_plain_{strategy}"].append(
-                    vllm_weights_seconds(python, self.data["model_plain"], strategy, logs))
-                for who in ("images", "ctfs"):
+                record(f"vllm_plain_{strategy}", self.data["model_plain"], strategy)
+                for who in ("images", "ctfs", "full") if strategy == "default" else ("images", "ctfs"):
                     with self.mounts.ctfs(self.data["model_enc"], self.mnt, *MODES[who]):  # a fresh mount
                         forget_pages(self.data["model_enc"])
-                        self.runs[f"vllm_{who}_{strategy}"].append(
-                            vllm_weights_seconds(python, self.mnt, strategy, logs))
+                        record(f"vllm_{who}_{strategy}", self.mnt, strategy)
                 files = sorted(p for p in self.data["model_plain"].iterdir() if p.is_file())
                 with self.mounts.null(self.nmnt, files, "--disk"):
                     forget_pages(self.data["model_plain"])
-                    self.runs[f"vllm_null_{strategy}"].append(vllm_weights_seconds(python, self.nmnt, strategy, logs))
+                    record(f"vllm_null_{strategy}", self.nmnt, strategy)
 
     def reader_counts(self) -> list[int]:
         counts, n = [], 1
@@ -706,6 +715,12 @@ def table(bench: Bench, args: argparse.Namespace, vllm_missing: str) -> list[Row
             context_row("same, memory images", f"vllm_images_{strategy}", f"vllm_plain_{strategy}", "s")
             context_row("same, disk null daemon (any FUSE mount's ceiling)", f"vllm_null_{strategy}",
                         f"vllm_plain_{strategy}", "s")
+            if strategy == "default":
+                context_row("same, --verify full (checks start at vLLM's lookups)", "vllm_full_default",
+                            "vllm_plain_default", "s")
+                for who, what in (("ctfs", "chunk cache"), ("full", "--verify full")):
+                    context_row(f"vLLM engine start, whole (process start to exit), default strategy: {what} vs "
+                                "plaintext dir", f"vllm_{who}_default_start", "vllm_plain_default_start", "s")
     limit = args.cache_size + RSS_ALLOWANCE
     rows.append(Row(f"daemon peak RSS, all mounts (cache {human(args.cache_size)})", human(bench.mounts.peak_rss),
                     human(limit), "", "<= cache + 150 MB", bench.mounts.peak_rss <= limit))
