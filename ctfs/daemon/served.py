@@ -3,6 +3,7 @@ shared chunk cache or held whole in a memory image (encrypted files), or read as
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import threading
@@ -114,25 +115,47 @@ def _pread(fd: int, offset: int, size: int) -> Segments:
 
 
 def verify_and_publish(encrypted: EncryptedFile, publish: Callable[[int, memoryview], object],
-                       run_all: Callable[[list[Callable[[], int]]], list[int]], parts: int) -> int:
+                       run_all: Callable[[list[Callable[[], _Checked]]], list[_Checked]], parts: int) -> int:
     """Authenticate every tag of the file while handing its plain bytes, in whole pages, to
     `publish(offset, bytes)`: --verify full then decrypts each chunk once, for the check and for the reader.
     A chunk's bytes are published only once its tag has verified. The file is checked in up to `parts`
-    page-aligned ranges that `run_all` runs at once: one stream of reads and one core would leave both the
-    disk and the other cores idle. A chunk that straddles two ranges is decrypted by both. Returns the bytes
-    decrypted."""
+    ranges that `run_all` runs at once: one stream of reads and one core would leave both the disk and the
+    other cores idle. Ranges meet at chunk boundaries, so no chunk is decrypted twice; the page that two
+    ranges share is published once both have checked their part of it. Returns the bytes decrypted."""
     encrypted.verify_empty_tensors()
     size = encrypted.view.size
     if any(cipher.chunk_size is None for cipher in encrypted.crypto.ciphers.values()):
         parts = 1  # a v1 tensor is one message: split, it would be decrypted whole by each range it spans
     parts = max(1, min(parts, size // VERIFY_PART_MIN))
-    bounds = [0, *(size * i // parts // _PageStream.PAGE * _PageStream.PAGE for i in range(1, parts)), size]
-    return sum(run_all([functools.partial(_verify_range, encrypted, publish, start, end)
-                        for start, end in zip(bounds, bounds[1:]) if end > start]))
+    bounds = sorted({0, size, *(_chunk_start(encrypted, size * i // parts) for i in range(1, parts))})
+    checked = run_all([functools.partial(_verify_range, encrypted, publish, start, end, end == size)
+                       for start, end in zip(bounds, bounds[1:])])
+    for before, after in zip(checked, checked[1:]):
+        if after.head:  # the page where they meet: the range before holds its start, this one its end
+            shared = bytearray(before.tail + after.head)
+            publish(after.start - len(before.tail), memoryview(shared))
+    return sum(range_.decrypted for range_ in checked)
+
+
+@dataclasses.dataclass
+class _Checked:
+    """One range's check: the bytes it decrypted, and its parts of the pages it shares with its neighbours,
+    which it did not publish."""
+
+    start: int
+    decrypted: int
+    head: bytes  # from `start` to the next page boundary
+    tail: bytes  # from the last page boundary to the range's end
+
+
+def _chunk_start(encrypted: EncryptedFile, offset: int) -> int:
+    """The start of the chunk that holds plain byte `offset`, or `offset` where no chunk does."""
+    pieces = encrypted.view.pieces(offset, 1)
+    return offset - pieces[0].skip if pieces and isinstance(pieces[0], ChunkPiece) else offset
 
 
 def _verify_range(encrypted: EncryptedFile, publish: Callable[[int, memoryview], object], start: int,
-                  end: int) -> int:
+                  end: int, ends_file: bool) -> _Checked:
     pages = _PageStream(publish, start)
     scratch = memoryview(bytearray())
     decrypted = 0
@@ -153,13 +176,14 @@ def _verify_range(encrypted: EncryptedFile, publish: Callable[[int, memoryview],
             pages.write(memoryview(encrypted.view.prefix)[piece.start:piece.start + piece.length])
         else:
             pages.write(memoryview(encrypted.read_stored(piece.data_offset, piece.length)))
-    pages.flush(final=True)
-    return decrypted
+    pages.flush(final=ends_file)
+    return _Checked(start, decrypted, pages.head, pages.rest())
 
 
 class _PageStream:
-    """Gathers a file's bytes, written in order, into blocks of whole pages: the kernel marks a stored page
-    readable only if one store covers all of it (or ends the file)."""
+    """Gathers a file's bytes, written in order from `offset`, into blocks of whole pages: the kernel marks
+    a stored page readable only if one store covers all of it (or ends the file). The bytes of a page begun
+    before `offset` (`head`) and of one left unfinished (`rest()`) are not published, but handed back."""
 
     BLOCK = 4 * 1024 * 1024
     PAGE = 4096
@@ -167,8 +191,10 @@ class _PageStream:
     def __init__(self, publish: Callable[[int, memoryview], object], offset: int):
         self._publish = publish
         self._buffer = memoryview(bytearray(self.BLOCK + self.PAGE))
-        self._filled = 0
-        self._offset = offset  # file offset of the buffer's first byte: a page boundary
+        self._skip = offset % self.PAGE  # bytes of the first page that are not this stream's
+        self._filled = self._skip
+        self._offset = offset - self._skip  # file offset of the buffer's first byte: a page boundary
+        self.head = b""
 
     def room(self, size: int) -> memoryview | None:
         """The next `size` bytes of the buffer, to fill and then pass to `wrote`; None if they do not fit."""
@@ -192,12 +218,23 @@ class _PageStream:
 
     def flush(self, final: bool = False) -> None:
         whole = self._filled if final else self._filled - self._filled % self.PAGE
-        if whole:
-            self._publish(self._offset, self._buffer[:whole])
+        first = 0
+        if self._skip:  # the first page began before this stream: keep its part of it, publish none
+            if whole < self.PAGE and not final:
+                return
+            first = min(self.PAGE, self._filled)
+            self.head = bytes(self._buffer[self._skip:first])
+            self._skip = 0
+        if whole > first:
+            self._publish(self._offset + first, self._buffer[first:whole])
         rest = self._filled - whole
         self._buffer[:rest] = self._buffer[whole:self._filled]
         self._offset += whole
         self._filled = rest
+
+    def rest(self) -> bytes:
+        """The bytes after the last whole page, not published."""
+        return bytes(self._buffer[:self._filled])
 
 
 class PlainView(OpenVersion):

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ctfs.daemon.chunk_cache import ChunkCache
 from ctfs.daemon.images import ImageStore
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ctfs.policy.gate import PolicyGate
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Header facts remembered per file version: enough for large model trees, bounded for a long-lived daemon.
 FACTS_CACHE_ENTRIES = 4096
@@ -443,7 +444,7 @@ class ModelSource:
                 del self._verifying[identity]
             done.set()
 
-    def _run_all(self, jobs: list[Callable[[], int]]) -> list[int]:
+    def _run_all(self, jobs: list[Callable[[], _T]]) -> list[_T]:
         """Run `jobs` at once, the first in this thread; return their results once all have ended, or raise
         the first failure then: none may still use the file when its open fails and closes it."""
         others = [self._parts.submit(job) for job in jobs[1:]]
