@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import json
+import mmap
 import os
 import random
 import struct
@@ -256,6 +258,34 @@ def flip_file_bit(path: Path, offset: int, bit: int = 0) -> None:
     blob = bytearray(Path(path).read_bytes())
     blob[offset] ^= 1 << bit
     Path(path).write_bytes(bytes(blob))
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of `path` in the page cache, page by page as mincore(2) sees a mapping of it that is never touched."""
+    size = Path(path).stat().st_size
+    if size == 0:
+        return 0
+    page = mmap.PAGESIZE
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        anchor = ctypes.c_char.from_buffer(mapped)  # the mapping's address; reads nothing
+        pages = -(-size // page)
+        vec = (ctypes.c_ubyte * pages)()
+        failed = ctypes.CDLL(None, use_errno=True).mincore(ctypes.c_void_p(ctypes.addressof(anchor)),
+                                                            ctypes.c_size_t(size), vec)
+        del anchor
+        assert failed == 0, os.strerror(ctypes.get_errno())
+    return sum(page for flag in vec if flag & 1)
+
+
+def evict(path: Path) -> None:
+    """Write the file out and drop it from the page cache: its next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert resident_bytes(path) == 0
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import flip_file_bit, make_keys, seeded_tensors, write_plain
+from conftest import evict, flip_file_bit, make_keys, resident_bytes, seeded_tensors, write_plain
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mounting import (
@@ -131,6 +131,28 @@ def test_plaintext_tensors_of_a_partially_encrypted_file_are_served_with_a_warni
     with mounted(src, tmp_path / "mnt", "--keys", str(write_key_file(tmp_path / "keys.jwk", keys))) as mount:
         assert mount.path("partial.safetensors").read_bytes() == (tmp_path / "view").read_bytes()
         assert "stored in plaintext are not authenticated" in mount.log()
+
+
+@pytest.mark.parametrize("verify", ["open", "full"])
+def test_a_cold_read_through_the_mount_leaves_the_model_cached_once_as_plaintext(tmp_path, verify):
+    """Chunks whose ciphertext is not in the page cache are read from the disk past it: the kernel caches what
+    the mount serves (plaintext), and the source file's pages hold no second copy of the model beside it."""
+    keys = make_keys()
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    plain = write_plain(tmp_path / "plain.safetensors", {"w": rng.standard_normal(1_000_003).astype(np.float32)})
+    encrypted = src / "model.safetensors"
+    encrypt_file(plain, encrypted, keys.enc, keys.sign, EncryptOptions("2", 100_003))
+    decrypt_file(encrypted, tmp_path / "view", keys.store)
+    view = (tmp_path / "view").read_bytes()
+    with mounted(src, tmp_path / "mnt", "--keys", str(write_key_file(tmp_path / "keys.jwk", keys)),
+                 "--verify", verify) as mount:
+        evict(encrypted)
+        assert call_with_timeout(mount.path("model.safetensors").read_bytes) == view
+        served = resident_bytes(encrypted)
+    # The header (read at open, through the page cache, with the kernel's first read-ahead) at most.
+    assert served <= 64 * 1024 < encrypted.stat().st_size // 50
 
 
 def test_verify_full_decrypts_each_chunk_once_for_the_check_and_the_readers(served_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from ctfs.crypto.keywrap import WrappedKey, unwrap_dek
 from ctfs.crypto.nonces import chunk_nonce
 from ctfs.crypto.signing import verifies
 from ctfs.errors import IntegrityError, PlainFileError, UntrustedSigner
-from ctfs.files.fileio import FileIdentity, pread_exact, pread_exact_into, read_header
+from ctfs.files.fileio import DIRECT_ALIGN, FileIdentity, SourceReader, pread_exact, read_header
 from ctfs.format.encryption import (
     DEFAULT_CHUNK_SIZE,
     TAG_SIZE,
@@ -32,8 +33,8 @@ from ctfs.keys.store import KeySource
 
 
 class _SealedBuffers:
-    """Buffers for a chunk's ciphertext followed by its tag, reused across calls: fresh memory costs a page
-    fault per 4 KiB on first touch, more than decrypting it. Shared, not thread-local, because FUSE worker
+    """Page-aligned buffers for a chunk's ciphertext followed by its tag, reused across calls: fresh memory
+    costs a page fault per 4 KiB on first touch, more than decrypting it. Shared, not thread-local, because FUSE worker
     threads get a new Python thread state (and so new thread-locals) on every callback."""
 
     KEEP_LIMIT = 16 * 1024 * 1024  # larger (v1 tensors) are allocated for the call only
@@ -41,22 +42,24 @@ class _SealedBuffers:
     MIN_SIZE = DEFAULT_CHUNK_SIZE + TAG_SIZE  # so that a tail chunk's buffer serves a full one next
 
     def __init__(self) -> None:
-        self._free: list[bytearray] = []
+        self._free: list[mmap.mmap] = []
         self._mutex = threading.Lock()
 
-    def take(self, size: int) -> bytearray:
+    def take(self, size: int) -> mmap.mmap:
         if size <= self.KEEP_LIMIT:
             with self._mutex:
                 for i, buf in enumerate(self._free):
-                    if len(buf) >= size:
+                    if len(buf) >= size + 2 * DIRECT_ALIGN:
                         return self._free.pop(i)
-        return bytearray(max(size, self.MIN_SIZE) if size <= self.KEEP_LIMIT else size)
+        return SourceReader.buffer(max(size, self.MIN_SIZE) if size <= self.KEEP_LIMIT else size)
 
-    def give(self, buf: bytearray) -> None:
+    def give(self, buf: mmap.mmap) -> None:
         if len(buf) <= self.KEEP_LIMIT:
             with self._mutex:
                 if len(self._free) < self.KEEP_COUNT:
                     self._free.append(buf)
+                    return
+        buf.close()
 
 
 _sealed_buffers = _SealedBuffers()
@@ -94,6 +97,7 @@ class EncryptedFile:
             os.close(self._fd)
             raise
         self.view = PlainView(self.header, crypto)
+        self._reader = SourceReader(self._fd, self.path)
         self._deks: dict[str, tuple[bytes, AEAD]] = {}
         self._lock = threading.Lock()
 
@@ -141,12 +145,12 @@ class EncryptedFile:
             raise ValueError(f"chunk {index} of {name!r} is {length} bytes, the buffer {len(out)}")
         # The AEAD wants ciphertext and tag contiguous: read the ciphertext in front of room for the tag.
         buf = _sealed_buffers.take(length + TAG_SIZE)
-        sealed = memoryview(buf)[:length + TAG_SIZE]
         try:
-            pread_exact_into(self._fd, sealed[:length], self.header.data_start + start, self.label)
-            sealed[length:] = cipher.tags[index]
-            open_sealed_into(self._aead(name), self._nonce(cipher, index), sealed, out,
-                             f"{self.label}: tensor {name!r} chunk {index}")
+            at = self._reader.read_into(buf, self.header.data_start + start, length, self.label)
+            with memoryview(buf)[at:at + length + TAG_SIZE] as sealed:
+                sealed[length:] = cipher.tags[index]
+                open_sealed_into(self._aead(name), self._nonce(cipher, index), sealed, out,
+                                 f"{self.label}: tensor {name!r} chunk {index}")
         finally:
             _sealed_buffers.give(buf)
 
@@ -212,6 +216,7 @@ class EncryptedFile:
 
     def close(self) -> None:
         self.forget_keys()
+        self._reader.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
