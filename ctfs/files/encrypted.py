@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -33,19 +32,20 @@ from ctfs.keys.store import KeySource
 
 
 class _SealedBuffers:
-    """Page-aligned buffers for a chunk's ciphertext followed by its tag, reused across calls: fresh memory
-    costs a page fault per 4 KiB on first touch, more than decrypting it. Shared, not thread-local, because FUSE worker
-    threads get a new Python thread state (and so new thread-locals) on every callback."""
+    """Buffers for a chunk's ciphertext followed by its tag, made for direct reads (SourceReader.buffer) and
+    reused across calls: fresh memory costs a page fault per 4 KiB on first touch, more than decrypting it.
+    Shared, not thread-local, because FUSE worker threads get a new Python thread state (and so new
+    thread-locals) on every callback."""
 
     KEEP_LIMIT = 16 * 1024 * 1024  # larger (v1 tensors) are allocated for the call only
     KEEP_COUNT = 16
     MIN_SIZE = DEFAULT_CHUNK_SIZE + TAG_SIZE  # so that a tail chunk's buffer serves a full one next
 
     def __init__(self) -> None:
-        self._free: list[mmap.mmap] = []
+        self._free: list[memoryview] = []
         self._mutex = threading.Lock()
 
-    def take(self, size: int) -> mmap.mmap:
+    def take(self, size: int) -> memoryview:
         if size <= self.KEEP_LIMIT:
             with self._mutex:
                 for i, buf in enumerate(self._free):
@@ -53,13 +53,11 @@ class _SealedBuffers:
                         return self._free.pop(i)
         return SourceReader.buffer(max(size, self.MIN_SIZE) if size <= self.KEEP_LIMIT else size)
 
-    def give(self, buf: mmap.mmap) -> None:
+    def give(self, buf: memoryview) -> None:
         if len(buf) <= self.KEEP_LIMIT:
             with self._mutex:
                 if len(self._free) < self.KEEP_COUNT:
                     self._free.append(buf)
-                    return
-        buf.close()
 
 
 _sealed_buffers = _SealedBuffers()
@@ -147,10 +145,10 @@ class EncryptedFile:
         buf = _sealed_buffers.take(length + TAG_SIZE)
         try:
             at = self._reader.read_into(buf, self.header.data_start + start, length, self.label)
-            with memoryview(buf)[at:at + length + TAG_SIZE] as sealed:
-                sealed[length:] = cipher.tags[index]
-                open_sealed_into(self._aead(name), self._nonce(cipher, index), sealed, out,
-                                 f"{self.label}: tensor {name!r} chunk {index}")
+            sealed = buf[at:at + length + TAG_SIZE]
+            sealed[length:] = cipher.tags[index]
+            open_sealed_into(self._aead(name), self._nonce(cipher, index), sealed, out,
+                             f"{self.label}: tensor {name!r} chunk {index}")
         finally:
             _sealed_buffers.give(buf)
 

@@ -54,6 +54,10 @@ def pread_exact_into(fd: int, out: memoryview, offset: int, source: str) -> None
 # O_DIRECT wants the offset, the length and the buffer aligned to the device's logical block: a page is a
 # multiple of every block size Linux takes for it.
 DIRECT_ALIGN = mmap.PAGESIZE
+# A transparent huge page (x86-64, and arm64 with 4 KiB pages). A disk request holds a bounded number of
+# physically contiguous segments (254 on this VM's virtio disk): in 4 KiB pages a direct read of a 2 MiB chunk
+# became 2-3 requests of ~0.8 MiB, in a huge page one, and the disk served twice the bytes per second.
+HUGE_PAGE = 2 * 1024 * 1024
 # cachestat(2), Linux 6.5+: how much of a range the page cache holds, without reading or faulting anything.
 _SYS_CACHESTAT = {"x86_64": 451, "aarch64": 451}.get(platform.machine())
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -94,11 +98,17 @@ class SourceReader:
         self._direct_works = self._direct >= 0
 
     @staticmethod
-    def buffer(length: int) -> mmap.mmap:
-        """A page-aligned buffer with room for `length` bytes read at any offset."""
-        return mmap.mmap(-1, length + 2 * DIRECT_ALIGN)
+    def buffer(length: int) -> memoryview:
+        """A buffer with room for `length` bytes read at any offset: private memory starting on a huge-page
+        boundary, its whole huge pages backed by huge pages where the kernel grants them."""
+        room = length + 2 * DIRECT_ALIGN
+        mapping = mmap.mmap(-1, room + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        skip = -ctypes.addressof(ctypes.c_char.from_buffer(mapping)) % HUGE_PAGE
+        if room >= HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+            mapping.madvise(mmap.MADV_HUGEPAGE, skip, room - room % HUGE_PAGE)
+        return memoryview(mapping)[skip:skip + room]  # the mapping lives as long as the view
 
-    def read_into(self, buf: mmap.mmap, offset: int, length: int, source: str) -> int:
+    def read_into(self, buf: memoryview, offset: int, length: int, source: str) -> int:
         """Read `length` bytes from `offset` into `buf` (made by `buffer`); returns where in it they start."""
         if self._direct_works and _all_cached(self.fd, offset, length) is False:
             try:
@@ -107,20 +117,18 @@ class SourceReader:
                 if exc.errno != errno.EINVAL:
                     raise
                 self._direct_works = False  # an alignment this file system does not take
-        with memoryview(buf) as view:
-            pread_exact_into(self.fd, view[:length], offset, source)
+        pread_exact_into(self.fd, buf[:length], offset, source)
         return 0
 
-    def _read_direct(self, buf: mmap.mmap, offset: int, length: int, source: str) -> int:
+    def _read_direct(self, buf: memoryview, offset: int, length: int, source: str) -> int:
         first = offset - offset % DIRECT_ALIGN
         end = -(-(offset + length) // DIRECT_ALIGN) * DIRECT_ALIGN
         done = 0
-        with memoryview(buf) as view:
-            while first + done < offset + length:
-                n = os.preadv(self._direct, [view[done:end - first]], first + done)
-                if n == 0:
-                    raise FormatError(f"{source}: file shrank while being read")
-                done += n
+        while first + done < offset + length:
+            n = os.preadv(self._direct, [buf[done:end - first]], first + done)
+            if n == 0:
+                raise FormatError(f"{source}: file shrank while being read")
+            done += n
         return offset - first
 
     def close(self) -> None:
