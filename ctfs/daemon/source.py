@@ -340,7 +340,7 @@ class ModelSource:
             if sum(self._looked_up_ahead.values()) + entry.size > self.lookup_ahead_budget:
                 return
             self._looked_up_ahead[identity] = entry.size
-        self._ahead.submit(self._verify_ahead, path, publisher)
+        self._ahead.submit(self._verify_ahead, path, publisher, entry)
 
     def forgotten(self, entry: Entry) -> None:
         """The kernel dropped the node of `entry`, and with it the pages a check ahead stored there."""
@@ -355,9 +355,11 @@ class ModelSource:
         for following in self._next_shards(path, VERIFY_AHEAD_SHARDS):
             self._ahead.submit(self._verify_ahead, following, publisher)
 
-    def _verify_ahead(self, path: str, publisher: Publisher) -> None:
+    def _verify_ahead(self, path: str, publisher: Publisher, entry: Entry | None = None) -> None:
+        """Check the file at `path` (whose entry a lookup may have just resolved) ahead of its open."""
         try:
-            entry = self._entry_at(path)
+            if entry is None:
+                entry = self._entry_at(path)
             with self._mutex:
                 known = entry.identity in self._verified or entry.identity in self._verifying
             publish = publisher(path, entry) if entry.kind is Kind.ENCRYPTED and not known else None
