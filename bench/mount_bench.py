@@ -16,6 +16,7 @@ re-reads, model loads and vLLM loads are measured from memory images as well (`-
 - warm re-reads (page cache) through the mount against the null daemon's;
 - transformers from_pretrained plus one forward pass of the model through a cold mount, against the
   plaintext directory with caches dropped, and with `--verify full`; decrypted / served bytes of the daemon;
+  the same load through the disk null daemon serving the plaintext directory (what any FUSE mount costs it);
 - vLLM's CPU build ("Loading weights took X seconds", vLLM's own timer) through a cold mount against the
   plaintext directory, for its default safetensors load strategy and `prefetch` (needs `--vllm-python`),
   and through the disk null daemon serving the plaintext directory (what any FUSE mount costs vLLM); the
@@ -556,7 +557,7 @@ class Bench:
         took 1.57-2.09 s against 1.21-1.72 s right after another load through the mount (one sequence,
         P C C C P C C C P C C), whatever the cause."""
         log("transformers load + forward: plaintext, cold mount (with --model-pubkey; memory images; chunk cache "
-            "without and with --verify full), interleaved")
+            "without and with --verify full), disk null daemon, interleaved")
         plain_weights = sum(p.stat().st_size for p in self.data["model_plain"].glob("*.safetensors"))
         for _ in range(self.args.repeat):
             warmup = self.data["model_tiny"]
@@ -573,6 +574,11 @@ class Bench:
                 # What a load decrypted in all, the --verify full check included, per byte of the shards.
                 work_done = sum(stats.get(k, 0) for k in ("decrypted_bytes", "verified_bytes", "image_decrypted_bytes"))
                 self.runs[f"{name}_decrypted_per_shard_byte"].append(work_done / plain_weights)
+            with self.mounts.null(self.nmnt, self.plain_model_files(), "--disk"):
+                self.runs["null_model"].append(load_model_seconds(self.nmnt, warmup))
+
+    def plain_model_files(self) -> list[Path]:
+        return sorted(p for p in self.data["model_plain"].iterdir() if p.is_file())
 
     def vllm_loads(self) -> None:
         """Memory images load between the plaintext load and the chunk cache's, as in model_loads. The disk
@@ -598,8 +604,7 @@ class Bench:
                     with self.mounts.ctfs(self.data["model_enc"], self.mnt, *MODES[who]):  # a fresh mount
                         forget_pages(self.data["model_enc"])
                         record(f"vllm_{who}_{strategy}", self.mnt, strategy)
-                files = sorted(p for p in self.data["model_plain"].iterdir() if p.is_file())
-                with self.mounts.null(self.nmnt, files, "--disk"):
+                with self.mounts.null(self.nmnt, self.plain_model_files(), "--disk"):
                     forget_pages(self.data["model_plain"])
                     record(f"vllm_null_{strategy}", self.nmnt, strategy)
 
@@ -701,6 +706,7 @@ def table(bench: Bench, args: argparse.Namespace, vllm_missing: str) -> list[Row
     ratio_row("transformers load + forward, cold: ctfs vs plaintext dir", "ctfs_model", "plain_model",
               MODEL_LOAD_MAX, False, "s")
     context_row("same, memory images", "images_model", "plain_model", "s")
+    context_row("same, disk null daemon (any FUSE mount's ceiling)", "null_model", "plain_model", "s")
     ratio_row("that load with --verify full vs without", "full_model", "ctfs_model", VERIFY_FULL_MAX,
               False, "s")
     worst = max(runs["ctfs_model_decrypted_per_served"], default=float("nan"))
