@@ -63,6 +63,7 @@ PID_XATTR = "user.ctfs.pid"
 MiB = 1 << 20
 GiB = 1 << 30
 GB = 1e9
+PROFILE_RATE = 250  # py-spy samples per second
 READ_BLOCK = MiB
 
 # The targets of issue 14.
@@ -453,14 +454,19 @@ def daemon_stats(mountpoint: Path) -> dict:
         return {}
 
 
-def start_profile(pid: int, out: Path) -> subprocess.Popen | None:
-    """py-spy recording `pid` (native frames included) until it exits, or None without py-spy."""
+def start_profile(pid: int, out: Path, *flags: str) -> subprocess.Popen | None:
+    """py-spy recording `pid` until interrupted or `pid` exits (flags: py-spy's own), or None without py-spy."""
     tool = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not os.access(tool, os.X_OK):
         log("py-spy not found: no profile recorded")
         return None
-    return subprocess.Popen([tool, "record", "--pid", str(pid), "--native", "--rate", "250", "-o", str(out)],
+    return subprocess.Popen([tool, "record", "--pid", str(pid), "--rate", str(PROFILE_RATE), "-o", str(out), *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def collapsed_samples(path: Path) -> int:
+    """The samples in a py-spy raw (collapsed stacks) profile: each line is a stack and its count."""
+    return sum(int(line.rsplit(" ", 1)[1]) for line in path.read_text().splitlines() if line.strip())
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -636,20 +642,27 @@ class Bench:
                             parallel_read([self.nmnt / name for name in names]))
 
     def profile_readers(self, out_dir: Path) -> None:
-        """One extra, untimed run of the most readers through ctfs with py-spy attached to the daemon."""
+        """Two extra runs of the most readers through ctfs with py-spy attached to the daemon: a flame graph
+        (native frames included), then the samples in which a daemon thread held the GIL. Those, per GB
+        served, bound what one daemon can serve however many cores it gets."""
         n = self.reader_counts()[-1]
         shards = shards_of(self.data["model_plain"])
+        names = [shards[i % len(shards)].name for i in range(n)]
+        served = sum((self.data["model_plain"] / name).stat().st_size for name in names)
         out_dir.mkdir(parents=True, exist_ok=True)
-        out = out_dir / f"ctfs-readers-{n}.svg"
-        log(f"profiling the daemon under {n} readers into {out}")
-        with self.mounts.ctfs(self.data["model_enc"], self.mnt) as report:
-            profiler = start_profile(report.pid, out)
-            if profiler is None:
-                return
-            time.sleep(1)  # py-spy attaches
-            drop_caches()
-            parallel_read([self.mnt / shards[i % len(shards)].name for i in range(n)])
-        profiler.wait(timeout=120)  # it stops and writes when the daemon exits at the unmount
+        flame, gil = out_dir / f"ctfs-readers-{n}.svg", out_dir / f"ctfs-readers-{n}-gil.txt"
+        log(f"profiling the daemon under {n} readers into {flame} and {gil}")
+        for out, flags in ((flame, ("--native",)), (gil, ("--gil", "--nonblocking", "--format", "raw"))):
+            with self.mounts.ctfs(self.data["model_enc"], self.mnt) as report:
+                profiler = start_profile(report.pid, out, *flags)
+                if profiler is None:
+                    return
+                time.sleep(1)  # py-spy attaches
+                drop_caches()
+                parallel_read([self.mnt / name for name in names])
+                profiler.send_signal(signal.SIGINT)  # it writes what it has: the reads, not the unmount
+                profiler.wait(timeout=120)
+        self.runs["gil_seconds_per_gb"].append(collapsed_samples(gil) / PROFILE_RATE / (served / GB))
 
     def load_file_context(self) -> None:
         """safetensors load_file: the ceiling any FUSE mount puts on a full load, for docs/performance.md."""
@@ -756,6 +769,9 @@ def table(bench: Bench, args: argparse.Namespace, vllm_missing: str) -> list[Row
         ("context: load_file, null daemon vs reference in-process", spread(paired(runs, "null_load",
                                                                                   "reference_load")) + "x"),
         ("context: load_file, ctfs vs null daemon", spread(paired(runs, "ctfs_load", "null_load")) + "x"),
+        *([("context: seconds a daemon thread held the GIL per GB served, most readers (py-spy --gil); the GB/s "
+            "that caps one daemon at, whatever its cores", f"{runs['gil_seconds_per_gb'][0]:.3f}; "
+            f"{1 / runs['gil_seconds_per_gb'][0]:.1f}")] if runs["gil_seconds_per_gb"] else []),
         ("context: CPUs kept busy by other processes, before | after",
          f"{runs['busy_before'][0]:.1f} | {runs['busy_after'][0]:.1f} of {os.cpu_count()}"),
     ]
@@ -818,7 +834,8 @@ def main() -> int:
     parser.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python",
                         help="python of a venv with vLLM's CPU build (default: REPO/.venv-vllm; 'none' skips vLLM)")
     parser.add_argument("--profile", type=Path, default=None,
-                        help="directory for a py-spy profile of the daemon under the most readers (one extra run)")
+                        help="directory for py-spy profiles of the daemon under the most readers (two extra runs): "
+                             "a flame graph, and the GIL's share")
     parser.add_argument("--workdir", type=Path, default=None, help="where to build the data (not a tmpfs); created")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()

@@ -32,8 +32,9 @@ def test_format_bench_decrypts_to_the_original_and_prints_every_target(tmp_path)
 def test_mount_bench_quick_measures_everything_and_leaves_nothing_mounted(tmp_path):
     workdir = tmp_path / "not" / "made" / "yet"  # the bench creates it
     # vLLM is left out: one engine start alone takes half a minute here (tests/vllm_client covers vLLM).
+    profiles = tmp_path / "profiles"
     result = run_bench(str(BENCH / "mount_bench.py"), "--quick", "--workdir", str(workdir), "--vllm-python", "none",
-                       timeout=600)
+                       "--profile", str(profiles), timeout=600)
     # A quick run's sizes are too small for the targets, so its verdicts are shown but do not set the exit
     # status: anything but 0 is a failure of the bench itself.
     assert result.returncode == 0, result.stderr
@@ -43,8 +44,9 @@ def test_mount_bench_quick_measures_everything_and_leaves_nothing_mounted(tmp_pa
                 "daemon peak RSS", "1 parallel reader(s)", "2 parallel reader(s)",
                 "load_file, null daemon vs plaintext page cache", "AES-256-GCM", "--model-pubkey (signed directory",
                 "bytes decrypted (checks included)", "same, memory images", "a second transformers load",
-                "same, disk null daemon (any FUSE mount's ceiling)"):
+                "same, disk null daemon (any FUSE mount's ceiling)", "held the GIL per GB served"):
         assert row in result.stdout, row
+    assert sorted(p.name for p in profiles.iterdir()) == ["ctfs-readers-2-gil.txt", "ctfs-readers-2.svg"]
     assert "not measured (no vLLM venv)" in result.stdout
     assert "nan" not in result.stdout  # every figure was measured, the daemon's stats read
     assert str(tmp_path) not in Path("/proc/mounts").read_text()
