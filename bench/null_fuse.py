@@ -94,7 +94,7 @@ class NullOperations:
         else:
             buf = bytearray(size)
             count = os.preadv(self._fds[index], [buf], offset)
-            ll.reply_segments(req, [memoryview(buf)[:count]])
+            ll.libfuse.fuse_reply_buf(req, ctypes.addressof((ctypes.c_char * size).from_buffer(buf)), count)
 
     def _read_direct(self, req, index: int, size: int, offset: int) -> None:
         """O_DIRECT wants aligned offsets, lengths and buffers: read the aligned span around the request."""

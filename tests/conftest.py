@@ -318,6 +318,6 @@ def read_plain(ef, offset: int, size: int) -> bytes:
 
     segments = PlainView(ef, ChunkCache(1 << 26), readahead_chunks=0).read(offset, size)
     try:
-        return b"".join(segments.views)
+        return b"".join(ctypes.string_at(address, length) for address, length in segments.spans)
     finally:
         segments.close()

@@ -227,7 +227,7 @@ class Operations:
                       path_text(self.nodes[ino].path), exc)
             raise OSError(errno.EIO, str(exc)) from None
         try:
-            ll.reply_segments(req, segments.views)
+            ll.reply_spans(req, segments.spans)
             self.source.count_served(segments.size)
         finally:
             segments.close()

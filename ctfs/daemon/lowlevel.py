@@ -251,17 +251,13 @@ def reply_open_passthrough(req: int, fh: int, backing_id: int) -> int:
     return libfuse.fuse_reply_buf(req, out, len(out))
 
 
-def reply_segments(req: int, segments: list[memoryview]) -> int:
-    """Reply to a read with the bytes of `segments`, in order, without joining them: the kernel copies
-    straight from each buffer. Every segment must be a writable (exportable) buffer."""
-    iov = (IoVec * max(1, len(segments)))()
-    keep = []
-    for slot, segment in zip(iov, segments):
-        if len(segment):
-            holder = (ctypes.c_char * len(segment)).from_buffer(segment)
-            keep.append(holder)
-            slot.iov_base, slot.iov_len = ctypes.addressof(holder), len(segment)
-    return libfuse.fuse_reply_iov(req, iov, len(segments))
+def reply_spans(req: int, spans: list[tuple[int, int]]) -> int:
+    """Reply to a read with the bytes at each (address, length) span, in order, without joining them: the
+    kernel copies straight from each buffer. The caller keeps the buffers alive until this returns."""
+    if len(spans) == 1:  # most reads lie in one chunk: no iovec to build
+        return libfuse.fuse_reply_buf(req, *spans[0])
+    iov = (IoVec * max(1, len(spans)))(*spans)
+    return libfuse.fuse_reply_iov(req, iov, len(spans))
 
 
 class Session:

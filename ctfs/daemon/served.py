@@ -3,6 +3,7 @@ shared chunk cache or held whole in a memory image (encrypted files), or read as
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import os
@@ -22,24 +23,37 @@ VERIFY_PART_MIN = 16 * 1024 * 1024
 
 
 class Segments:
-    """The bytes of one read, as buffers in order; `close` unpins the cached chunks among them once the
-    kernel has copied them out."""
+    """The bytes of one read, as (address, length) spans in order, for the kernel to copy straight from;
+    `close` unpins the cached chunks among them once it has, and lets the other buffers go."""
 
-    __slots__ = ("views", "_pinned", "_cache")
+    __slots__ = ("spans", "size", "_exports", "_pinned", "_cache")
 
-    def __init__(self, views: list[memoryview], pinned: list[tuple[Chunk, int]] = (), cache: ChunkCache | None = None):
-        self.views = views
-        self._pinned = pinned
+    def __init__(self, cache: ChunkCache | None = None):
+        self.spans: list[tuple[int, int]] = []
+        self.size = 0
+        self._exports: list[ctypes.Array] = []  # keep the buffers that are not chunks alive and unresized
+        self._pinned: list[tuple[Chunk, int]] = []
         self._cache = cache
 
-    @property
-    def size(self) -> int:
-        return sum(len(v) for v in self.views)
+    def add_chunk(self, chunk: Chunk, skip: int, length: int) -> None:
+        """Bytes of a chunk pinned for this read (its buffer's address is known: no export per read)."""
+        self._pinned.append((chunk, length))
+        self.spans.append((chunk.address + skip, length))
+        self.size += length
+
+    def add_buffer(self, buffer: memoryview) -> None:
+        """Bytes of a writable buffer."""
+        if len(buffer):
+            export = (ctypes.c_char * len(buffer)).from_buffer(buffer)
+            self._exports.append(export)
+            self.spans.append((ctypes.addressof(export), len(buffer)))
+            self.size += len(buffer)
 
     def close(self) -> None:
         for chunk, served in self._pinned:
             self._cache.release(chunk, served)
-        self._pinned = ()
+        self._pinned = []
+        self._exports = []
 
 
 class OpenVersion:
@@ -111,7 +125,9 @@ class ImageView(OpenVersion):
 def _pread(fd: int, offset: int, size: int) -> Segments:
     buf = bytearray(size)
     count = os.preadv(fd, [buf], offset)
-    return Segments([memoryview(buf)[:count]])
+    segments = Segments()
+    segments.add_buffer(memoryview(buf)[:count])
+    return segments
 
 
 def verify_and_publish(encrypted: EncryptedFile, publish: Callable[[int, memoryview], object],
@@ -251,21 +267,19 @@ class PlainView(OpenVersion):
         self._position_mutex = threading.Lock()
 
     def read(self, offset: int, size: int) -> Segments:
-        views: list[memoryview] = []
-        pinned: list[tuple[Chunk, int]] = []
-        segments = Segments(views, pinned, self._cache)
+        segments = Segments(self._cache)
         try:
             for piece in self.encrypted.view.pieces(offset, size):
                 if isinstance(piece, ChunkPiece):
                     chunk = self._cache.acquire(self._key(piece.tensor, piece.index),
                                                 self.encrypted.chunk_size(piece.tensor, piece.index),
                                                 self._filler(piece.tensor, piece.index))
-                    pinned.append((chunk, piece.length))
-                    views.append(chunk.view()[piece.skip:piece.skip + piece.length])
+                    segments.add_chunk(chunk, piece.skip, piece.length)
                 elif isinstance(piece, HeaderPiece):
-                    views.append(self._prefix[piece.start:piece.start + piece.length])
+                    segments.add_buffer(self._prefix[piece.start:piece.start + piece.length])
                 else:  # a tensor stored in plaintext
-                    views.append(memoryview(bytearray(self.encrypted.read_stored(piece.data_offset, piece.length))))
+                    segments.add_buffer(memoryview(bytearray(self.encrypted.read_stored(piece.data_offset,
+                                                                                         piece.length))))
         except BaseException:
             segments.close()
             raise
