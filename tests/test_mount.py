@@ -203,6 +203,38 @@ def test_verify_full_checks_a_large_file_in_ranges_at_once_and_serves_exactly_wh
     assert stats["verified_bytes"] == encrypted_bytes  # the good file's chunks, each decrypted once
 
 
+def test_verify_full_stores_a_looked_up_files_pages_even_when_its_reader_is_slow_to_run_again(tmp_path):
+    """A lookup starts the file's check once its reply is written, but the kernel makes the node's inode in
+    the task that looked it up, when that task runs again. Readers starved of CPU (every core busy, the
+    reader at nice 19) run again late: the check's pages must still land in the page cache, so that the
+    reads decrypt nothing a second time."""
+    keys = make_keys()
+    src = tmp_path / "src"
+    src.mkdir()
+    weights = np.random.default_rng(5).standard_normal(2_000_000).astype(np.float32)  # 8 MB: two blocks
+    plain = write_plain(tmp_path / "plain.safetensors", {"weight": weights})
+    names = [f"model-{i}.safetensors" for i in range(6)]
+    for name in names:
+        encrypt_file(plain, src / name, keys.enc, keys.sign, EncryptOptions("2", 1_000_003))
+    decrypt_file(src / names[0], tmp_path / "view", keys.store)
+    view = (tmp_path / "view").read_bytes()
+    key_file = write_key_file(tmp_path / "keys.jwk", keys)
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        with mounted(src, tmp_path / "mnt", "--keys", str(key_file), "--verify", "full") as mount:
+            for name in names:
+                read = subprocess.run(["nice", "-n", "19", "cat", str(mount.path(name))], capture_output=True,
+                                      timeout=CHILD_TIMEOUT, check=True)
+                assert read.stdout == view, name
+            stats = json.loads(os.getxattr(mount.mountpoint, "user.ctfs.stats"))
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    assert stats["verified_bytes"] == len(names) * weights.nbytes
+    assert stats["decrypted_bytes"] == 0  # every page read was one a check stored
+
+
 def test_verify_full_checks_files_as_the_kernel_looks_them_up_so_their_opens_find_them_checked(tmp_path):
     """Loaders look every shard up, then read them (vLLM builds its engine in between). With --verify full a
     lookup starts the file's check, into its node's page cache: the opens then wait for no check and the

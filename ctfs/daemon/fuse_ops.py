@@ -13,6 +13,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -49,6 +50,10 @@ DIR_MODE = stat.S_IFDIR | 0o555
 FILE_ATTR_TIMEOUT = 3600.0
 DIR_ATTR_TIMEOUT = 1.0
 ENTRY_TIMEOUT = 0.0
+# How long a check started by a lookup waits for the kernel to make the node's inode (_NodeStore), and how
+# often it tries.
+STORE_WAIT = 2.0
+STORE_RETRY_PAUSE = 0.002
 
 
 def errno_of(exc: BaseException) -> int:
@@ -294,11 +299,7 @@ class Operations:
         """Where --verify full stores the verified pages of `entry` at `path`: its node's page cache, if the
         kernel has that node."""
         node = self.nodes.find(path, entry)
-        return None if node is None else functools.partial(self._store, node.ino)
-
-    def _store(self, ino: int, offset: int, data: memoryview) -> None:
-        if self.session is not None and self.session.store(ino, offset, data) != 0:
-            log.debug("the kernel did not take verified pages of node %d at %d", ino, offset)
+        return None if node is None or self.session is None else _NodeStore(self.session, node.ino)
 
     def _node_io(self, ino: int) -> _NodeIo:
         with self._mutex:
@@ -309,6 +310,32 @@ class Operations:
             fh, self._next_fh = self._next_fh, self._next_fh + 1
             table[fh] = value
         return fh
+
+
+class _NodeStore:
+    """One check's stores of verified pages into the page cache of node `ino` (FUSE_NOTIFY_STORE).
+
+    A lookup's check starts once its reply is written, but the kernel makes the node's inode in the task that
+    looked it up, once that task runs again: a store before then finds no inode (ENOENT) and its pages would
+    be decrypted a second time by the reads. Until one store lands, a store that finds no inode is tried
+    again, for at most STORE_WAIT seconds in all."""
+
+    def __init__(self, session: ll.Session, ino: int):
+        self._session, self._ino = session, ino
+        self._landed = False
+        self._deadline: float | None = None
+
+    def __call__(self, offset: int, data: memoryview) -> None:
+        while (result := self._session.store(self._ino, offset, data)) == -errno.ENOENT and not self._landed:
+            now = time.monotonic()
+            self._deadline = self._deadline or now + STORE_WAIT
+            if now >= self._deadline:
+                break
+            time.sleep(STORE_RETRY_PAUSE)
+        if result == 0:
+            self._landed = True
+        else:
+            log.debug("the kernel did not take verified pages of node %d at %d (%d)", self._ino, offset, result)
 
 
 _IMPLEMENTED = ("init", "destroy", "lookup", "forget", "forget_multi", "getattr", "access", "statfs", "open",
