@@ -318,6 +318,11 @@ def read_plain(ef, offset: int, size: int) -> bytes:
 
     segments = PlainView(ef, ChunkCache(1 << 26), readahead_chunks=0).read(offset, size)
     try:
-        return b"".join(ctypes.string_at(address, length) for address, length in segments.spans)
+        return segment_bytes(segments)
     finally:
         segments.close()
+
+
+def segment_bytes(segments) -> bytes:
+    """The bytes a read's Segments hand the kernel (before their close)."""
+    return b"".join(ctypes.string_at(address, length) for address, length in segments.spans)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
 
 import pytest
+from conftest import segment_bytes
 
 from ctfs.daemon.chunk_cache import ChunkCache, buffer_capacity
 from ctfs.errors import IntegrityError
@@ -244,7 +244,7 @@ def test_the_source_counts_bytes_served_and_decrypted(tmp_path, keys):
     out = bytearray()
     while len(out) < entry.size:  # 100 KiB requests: chunks straddle requests
         segments = version.read(len(out), min(100_000, entry.size - len(out)))
-        out += b"".join(ctypes.string_at(address, length) for address, length in segments.spans)
+        out += segment_bytes(segments)
         source.count_served(segments.size)
         segments.close()
     version.let_go()
